@@ -1,0 +1,27 @@
+"""Configuration of an actor (a vLLM engine generating rollouts)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ActorConfig(BaseModel):
+    """Engine and sampling settings of every actor process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_actors: int = Field(1, ge=0, description="actor processes the local launcher starts")
+    max_tokens: int = Field(16, ge=1, description="most generated tokens per completion")
+    max_model_len: int = Field(64, ge=8, description="engine context length (prompt + completion)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    prefetch_grants: int = Field(
+        64, ge=1, description="grants held ahead of the engine so it never waits for work")
+    max_batch_grants: int = Field(32, ge=1, description="grants submitted to the engine at once")
+    kv_cache_gib: float = Field(0.25, gt=0, description="KV cache size on CPU (GiB)")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU memory share")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per actor engine")
+    enforce_eager: bool = Field(True, description="skip CUDA graph / compile capture")
+    heartbeat_s: float = Field(2.0, gt=0, description="heartbeat period to the allocator")
+    restart_dead: bool = Field(True, description="launcher restarts an actor that died")
+    seed: int = Field(0, description="sampling seed (offset by the actor index)")

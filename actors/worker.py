@@ -1,0 +1,272 @@
+"""An actor process: a vLLM engine kept busy with granted work, streaming scored groups.
+
+Two threads, each socket owned by exactly one of them:
+- the engine thread (main) only generates: it adds granted samples to the engine's
+  continuous batch, steps it, applies complete weight versions between steps;
+- the I/O thread talks to the allocator (requests work ahead of need, reports stats,
+  heartbeats), the learner (pushes groups) and the weight publisher, and scores samples.
+So generation never waits on a network round-trip, and the network never waits on a step.
+
+Guarantees:
+- A group holds exactly the n samples of its grant (groups are atomic); every token carries
+  the behaviour log-prob of the distribution it was sampled from and the policy version of the
+  weights that produced it.
+- A grant issued at learner version v is not started before this actor holds version >= v
+  (synchronous mode and actors joining mid-run generate with current weights).
+- Results are never dropped on a busy or absent peer: they wait in bounded outboxes, and the
+  actor stops asking for work while its outbox to the learner is full (back-pressure).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from actors.config import ActorConfig
+from actors.engine import Engine, Sample
+from protocol.errors import ProtocolError
+from protocol.messages import (
+    Error,
+    Heartbeat,
+    Message,
+    NoWork,
+    RolloutGroup,
+    StatsReport,
+    WeightAnnounce,
+    WeightChunk,
+    WorkGrant,
+    WorkRequest,
+)
+from protocol.sockets import CurveKeys, SocketOptions, open_socket, recv, send
+from protocol.weights import WeightReceiver
+from tasks.verifiers import Verifier
+
+log = logging.getLogger("dynamo.actor")
+
+
+@dataclass(slots=True)
+class _Group:
+    grant: WorkGrant
+    prompt_ids: list[int]
+    started: float
+    samples: dict[int, Sample] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Endpoints:
+    allocator: str
+    rollouts: str
+    weights: str
+
+
+class Actor:
+    def __init__(self, cfg: ActorConfig, model_path: str, endpoints: Endpoints, *,
+                 index: int = 0, keys: CurveKeys | None = None,
+                 max_message_bytes: int = 512 << 20) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.actor_id = f"{socket.gethostname()}-a{index}-{os.getpid()}"
+        self.endpoints = endpoints
+        self.keys = keys
+        self.max_message_bytes = max_message_bytes
+        self.engine = Engine(model_path, max_model_len=cfg.max_model_len,
+                             max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                             top_p=cfg.top_p, seed=cfg.seed + index, kv_cache_gib=cfg.kv_cache_gib,
+                             gpu_memory_utilization=cfg.gpu_memory_utilization,
+                             tensor_parallel_size=cfg.tensor_parallel_size,
+                             enforce_eager=cfg.enforce_eager)
+        self.tokenizer = self.engine.tokenizer
+        self.grants: queue.Queue[WorkGrant] = queue.Queue()
+        self.finished: queue.Queue[tuple[_Group, float]] = queue.Queue()
+        self.weights: queue.Queue[tuple[int, list]] = queue.Queue()
+        self.stop = threading.Event()
+        self.counters: Counter[str] = Counter()
+        self.held = 0  # grants received and not yet sent back (I/O thread's view)
+        self.held_ids: set[int] = set()
+        self.engine_busy_s = 0.0
+        self.engine_idle_s = 0.0
+
+    # ================================================================ engine thread
+    def run(self) -> None:
+        io = threading.Thread(target=self._io_loop, name="actor-io", daemon=True)
+        io.start()
+        try:
+            self._engine_loop()
+        finally:
+            self.stop.set()
+            io.join(timeout=10)
+
+    def _engine_loop(self) -> None:
+        eng = self.engine
+        waiting: deque[WorkGrant] = deque()  # granted, waiting for weights or capacity
+        active: dict[str, _Group] = {}  # "grant.lease" -> group being generated
+        while not self.stop.is_set():
+            latest = None
+            while True:
+                try:
+                    latest = self.weights.get_nowait()
+                except queue.Empty:
+                    break
+            if latest is not None:
+                t = time.perf_counter()
+                eng.load_weights(latest[1], latest[0])
+                self.counters["weight_updates"] += 1
+                log.info("applied weights v%d in %.3fs", latest[0], time.perf_counter() - t)
+            while True:
+                try:
+                    waiting.append(self.grants.get_nowait())
+                except queue.Empty:
+                    break
+            while waiting and len(active) < self.cfg.max_batch_grants:
+                g = waiting[0]
+                if g.issued_version > eng.version:
+                    break  # in order: wait for the weights this work was issued for
+                waiting.popleft()
+                key = f"{g.grant_id}.{g.lease_id}"
+                ids = self.tokenizer.encode(g.prompt, add_special_tokens=False)
+                active[key] = _Group(g, ids, time.perf_counter())
+                for j in range(g.n):
+                    eng.add(f"{key}.{j}", ids)
+            if eng.busy():
+                t = time.perf_counter()
+                for rid, sample in eng.step():
+                    key, _, j = rid.rpartition(".")
+                    grp = active[key]
+                    grp.samples[int(j)] = sample
+                    if len(grp.samples) == grp.grant.n:
+                        del active[key]
+                        self.finished.put((grp, time.perf_counter() - grp.started))
+                self.engine_busy_s += time.perf_counter() - t
+            else:
+                t = time.perf_counter()
+                try:
+                    waiting.append(self.grants.get(timeout=0.002))
+                except queue.Empty:
+                    pass
+                self.engine_idle_s += time.perf_counter() - t
+
+    # ================================================================ I/O thread
+    def _io_loop(self) -> None:
+        ctx = zmq.Context()
+        opts = SocketOptions(max_message_bytes=self.max_message_bytes, linger_ms=2000)
+        alloc = open_socket(ctx, zmq.DEALER, self.endpoints.allocator, bind=False,
+                            keys=self.keys, options=opts)
+        push = open_socket(ctx, zmq.PUSH, self.endpoints.rollouts, bind=False, keys=self.keys,
+                           options=SocketOptions(sndhwm=64, max_message_bytes=self.max_message_bytes))
+        wsock = open_socket(ctx, zmq.DEALER, self.endpoints.weights, bind=False,
+                            keys=self.keys, options=opts)
+        receiver = WeightReceiver(self.actor_id, version=self.engine.version)
+        verifier = Verifier()
+        to_learner: deque[RolloutGroup] = deque()
+        to_alloc: deque[Message] = deque()
+        poller = zmq.Poller()
+        poller.register(alloc, zmq.POLLIN)
+        poller.register(wsock, zmq.POLLIN)
+        request_sent_at = -1e9
+        retry_at = 0.0
+        next_beat = 0.0
+        try:
+            while not self.stop.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    to_alloc.append(Heartbeat(sender=self.actor_id, role="actor", sent_at=time.time(),
+                                              policy_version=receiver.version,
+                                              in_flight=sorted(self.held_ids)))
+                    self._try_send(wsock, receiver.hello())  # (re)subscribes after restarts
+                    next_beat = now + self.cfg.heartbeat_s
+                # Ask ahead: keep `prefetch_grants` in hand, one request in flight at a time
+                # (re-sent if unanswered: the allocator may have restarted).
+                want = self.cfg.prefetch_grants - self.held
+                if (want > 0 and now >= retry_at and now - request_sent_at > 1.0
+                        and len(to_learner) < 16):
+                    if self._try_send(alloc, WorkRequest(actor_id=self.actor_id, want=want,
+                                                         policy_version=receiver.version)):
+                        request_sent_at = now
+                for sock, _ in poller.poll(5):
+                    while True:
+                        try:
+                            msg = recv(sock, zmq.NOBLOCK, max_message_bytes=self.max_message_bytes)
+                        except zmq.Again:
+                            break
+                        except ProtocolError as e:
+                            self.counters[f"rejected_{e.code}"] += 1
+                            log.warning("rejected a message: %s", e)
+                            continue
+                        if isinstance(msg, WorkGrant):
+                            self.held += 1
+                            self.held_ids.add(msg.grant_id)
+                            request_sent_at = -1e9  # answered: the next request may go
+                            self.grants.put(msg)
+                        elif isinstance(msg, NoWork):
+                            request_sent_at = -1e9
+                            retry_at = time.monotonic() + msg.retry_after_s
+                        elif isinstance(msg, WeightAnnounce | WeightChunk):
+                            acks, done = receiver.handle(msg)
+                            for a in acks:
+                                self._try_send(wsock, a)
+                            if done is not None:
+                                self.weights.put(done)
+                        elif isinstance(msg, Error):
+                            log.warning("peer error %s: %s", msg.code, msg.message)
+                        else:
+                            self.counters["unexpected_message"] += 1
+                while True:
+                    try:
+                        grp, gen_s = self.finished.get_nowait()
+                    except queue.Empty:
+                        break
+                    group, stats = self._score(grp, gen_s, verifier)
+                    to_learner.append(group)
+                    to_alloc.append(stats)
+                    self.held -= 1
+                    self.held_ids.discard(grp.grant.grant_id)
+                while to_learner and self._try_send(push, to_learner[0]):
+                    g = to_learner.popleft()
+                    self.counters["groups_sent"] += 1
+                    self.counters["tokens_sent"] += g.num_tokens
+                while to_alloc and self._try_send(alloc, to_alloc[0]):
+                    to_alloc.popleft()
+        finally:
+            self.counters.update({f"verifier_{k}": v for k, v in verifier.counters.items()})
+            for s in (alloc, push, wsock):
+                s.close()
+            ctx.term()
+
+    def _try_send(self, sock: zmq.Socket, msg: Message) -> bool:
+        try:
+            send(sock, msg, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def _score(self, grp: _Group, gen_s: float, verifier: Verifier
+               ) -> tuple[RolloutGroup, StatsReport]:
+        g = grp.grant
+        samples = [grp.samples[j] for j in range(g.n)]
+        rewards = np.array([
+            verifier.score(g.verifier, self.tokenizer.decode(s.tokens, skip_special_tokens=True),
+                           g.answer) for s in samples], dtype=np.float32)
+        def cat(attr: str, dtype: Any) -> np.ndarray:
+            parts = [np.asarray(getattr(s, attr), dtype=dtype) for s in samples]
+            return np.concatenate(parts) if parts else np.zeros(0, dtype)
+        group = RolloutGroup(
+            grant_id=g.grant_id, lease_id=g.lease_id, problem_id=g.problem_id,
+            actor_id=self.actor_id, prompt_token_ids=np.asarray(grp.prompt_ids, np.int32),
+            completion_token_ids=cat("tokens", np.int32),
+            completion_lengths=np.array([len(s.tokens) for s in samples], np.int32),
+            behaviour_logprobs=cat("logprobs", np.float32),
+            token_versions=cat("versions", np.int32), rewards=rewards,
+            finished=np.array([not s.truncated for s in samples], bool), gen_seconds=gen_s)
+        stats = StatsReport(grant_id=g.grant_id, lease_id=g.lease_id, problem_id=g.problem_id,
+                            actor_id=self.actor_id, k=int((rewards > 0).sum()), n=g.n)
+        return group, stats

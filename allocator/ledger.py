@@ -1,0 +1,204 @@
+"""Rounds, leases and exactly-once accounting of work grants (no sockets, no clocks).
+
+Invariants:
+- Every grant is completed at most once: the first StatsReport carrying the grant's current
+  lease completes it; a report for an expired lease ("late") or for a completed grant
+  ("duplicate") is ignored and counted, and never touches the statistics.
+- A grant whose lease expires goes back to the front of the queue with a new lease id, so
+  the work of a dead or stopped actor is re-issued, never lost.
+- Pacing: groups issued but not yet consumed by the learner never exceed
+  (max_staleness + 1) x prompts_per_step, so in steady state no group arrives at the learner
+  more than max_staleness versions old.
+- Budgets of a round are computed from the statistics at the moment the round is formed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from allocator.budget import dynamo_budgets
+from allocator.config import AllocatorConfig
+from allocator.stats import ProblemStats
+from protocol.messages import NoWork, StatsReport, WorkGrant
+from tasks.problems import Problem
+
+
+@dataclass(slots=True)
+class Grant:
+    grant_id: int
+    problem: int  # index into the problem list
+    n: int
+    round: int
+    lease_id: int = 0
+    actor_id: str = ""
+    deadline: float = 0.0
+    issued_version: int = 0
+    done: bool = False
+
+
+class Ledger:
+    """The allocator's state: statistics, epoch position, rounds, leases, counters."""
+
+    def __init__(self, problems: list[Problem], cfg: AllocatorConfig, *, rule: str,
+                 verifier: str, prompts_per_step: int, max_staleness: int) -> None:
+        if len(problems) < cfg.batch_prompts:
+            raise ValueError(f"{len(problems)} problems cannot fill a round of "
+                             f"allocator.batch_prompts = {cfg.batch_prompts}")
+        self.problems = problems
+        self.index = {p.id: i for i, p in enumerate(problems)}
+        self.cfg = cfg
+        self.rule = rule
+        self.verifier = verifier
+        self.window = (max_staleness + 1) * prompts_per_step
+        self.stats = ProblemStats(len(problems), half_life=cfg.stats_half_life)
+        self.epoch = 0
+        self.cursor = 0  # position in the current epoch's permutation
+        self.round = 0
+        self.next_grant_id = 0
+        self.next_lease_id = 0
+        self.grants: dict[int, Grant] = {}  # outstanding (not completed) grants
+        self.queue: deque[int] = deque()  # grant ids waiting for an actor
+        self.issued_groups = 0  # distinct grants ever issued
+        self.completed_groups = 0
+        self.learner_version = 0
+        self.consumed_groups = 0
+        self.counters: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ rounds
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.problems))
+
+    def _form_round(self) -> None:
+        """Next B problems of the shuffled epoch, budgets from the statistics right now."""
+        b = self.cfg.batch_prompts
+        picked: list[int] = []
+        while len(picked) < b:
+            perm = self._permutation(self.epoch)
+            take = perm[self.cursor:self.cursor + b - len(picked)]
+            picked.extend(take.tolist())
+            self.cursor += len(take)
+            if self.cursor >= len(perm):
+                self.epoch, self.cursor = self.epoch + 1, 0
+        idx = np.asarray(picked)
+        budgets = dynamo_budgets(
+            self.stats.k[idx], self.stats.g[idx], total=self.cfg.round_total,
+            n_min=self.cfg.n_min, n_max=self.cfg.n_max, rule=self.rule,  # type: ignore[arg-type]
+            initial_budget=self.cfg.initial_budget,
+            mastery_threshold=self.cfg.mastery_threshold, min_priority=self.cfg.min_priority)
+        for p, n in zip(idx.tolist(), budgets.tolist(), strict=True):
+            g = Grant(grant_id=self.next_grant_id, problem=p, n=int(n), round=self.round)
+            self.next_grant_id += 1
+            self.grants[g.grant_id] = g
+            self.queue.append(g.grant_id)
+        self.round += 1
+        self.counters["rounds"] += 1
+
+    # ------------------------------------------------------------------ messages
+    def outstanding(self) -> int:
+        """Groups issued that the learner has not consumed yet."""
+        return self.issued_groups - self.consumed_groups
+
+    def request(self, actor_id: str, want: int, now: float) -> list[WorkGrant] | NoWork:
+        out: list[WorkGrant] = []
+        while len(out) < want:
+            if not self.queue:
+                # Only fresh work is paced; re-issued grants were counted when first issued.
+                if self.outstanding() >= self.window:
+                    break
+                self._form_round()
+            gid = self.queue[0]
+            g = self.grants[gid]
+            fresh = g.lease_id == 0
+            if fresh and self.outstanding() >= self.window:
+                break
+            self.queue.popleft()
+            if fresh:
+                self.issued_groups += 1
+            self.next_lease_id += 1
+            g.lease_id, g.actor_id = self.next_lease_id, actor_id
+            g.deadline, g.issued_version = now + self.cfg.lease_s, self.learner_version
+            p = self.problems[g.problem]
+            out.append(WorkGrant(grant_id=gid, lease_id=g.lease_id, problem_id=p.id,
+                                 prompt=p.prompt, answer=p.answer, verifier=self.verifier,
+                                 n=g.n, lease_s=self.cfg.lease_s,
+                                 issued_version=self.learner_version))
+        if out:
+            self.counters["grants_issued"] += len(out)
+            return out
+        self.counters["requests_paced"] += 1
+        return NoWork(retry_after_s=0.05,
+                      reason=f"pacing: {self.outstanding()} groups outstanding, window "
+                             f"{self.window} (learner version {self.learner_version})")
+
+    def report(self, r: StatsReport) -> str:
+        """Apply a stats report once; returns 'accepted', 'late', 'duplicate' or 'unknown'."""
+        g = self.grants.get(r.grant_id)
+        if g is None:
+            status = "duplicate" if r.grant_id < self.next_grant_id else "unknown"
+        elif r.lease_id != g.lease_id:
+            status = "late"
+        elif self.problems[g.problem].id != r.problem_id or r.n != g.n:
+            status = "mismatch"
+        else:
+            status = "accepted"
+            self.stats.update(np.array([g.problem]), np.array([r.k]), np.array([r.n]))
+            del self.grants[g.grant_id]
+            self.completed_groups += 1
+        self.counters[f"report_{status}"] += 1
+        return status
+
+    def heartbeat(self, actor_id: str, in_flight: list[int], now: float) -> None:
+        """Renew the leases an alive actor still holds."""
+        for gid in in_flight:
+            g = self.grants.get(gid)
+            if g is not None and g.actor_id == actor_id and g.deadline > now:
+                g.deadline = now + self.cfg.lease_s
+
+    def progress(self, version: int, consumed_groups: int) -> None:
+        self.learner_version = max(self.learner_version, version)
+        self.consumed_groups = max(self.consumed_groups, consumed_groups)
+
+    def expire(self, now: float) -> int:
+        """Re-queue (at the front) every grant whose lease ran out; returns how many."""
+        expired = [g for g in self.grants.values() if g.actor_id and g.deadline <= now]
+        for g in sorted(expired, key=lambda g: -g.grant_id):
+            g.actor_id = ""
+            self.queue.appendleft(g.grant_id)
+        self.counters["leases_expired"] += len(expired)
+        return len(expired)
+
+    # ------------------------------------------------------------------ snapshots
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "stats": self.stats.state_dict(),
+            "epoch": self.epoch, "cursor": self.cursor, "round": self.round,
+            "next_grant_id": self.next_grant_id, "next_lease_id": self.next_lease_id,
+            "grants": [asdict(g) for g in self.grants.values()],
+            "queue": list(self.queue),
+            "issued_groups": self.issued_groups, "completed_groups": self.completed_groups,
+            "learner_version": self.learner_version, "consumed_groups": self.consumed_groups,
+            "counters": dict(self.counters),
+            "num_problems": len(self.problems),
+        }
+
+    def load_state_dict(self, s: dict[str, Any], now: float) -> None:
+        if s["num_problems"] != len(self.problems):
+            raise ValueError(f"snapshot is of {s['num_problems']} problems, the task has "
+                             f"{len(self.problems)}")
+        self.stats.load_state_dict(s["stats"])
+        for key in ("epoch", "cursor", "round", "next_grant_id", "next_lease_id",
+                    "issued_groups", "completed_groups", "learner_version", "consumed_groups"):
+            setattr(self, key, int(s[key]))
+        self.grants = {g["grant_id"]: Grant(**g) for g in s["grants"]}
+        # Leases held before the restart stay valid for one more lease period: their actors
+        # may still report (they reconnect), otherwise the grants are re-issued.
+        for g in self.grants.values():
+            if g.actor_id:
+                g.deadline = now + self.cfg.lease_s
+        self.queue = deque(s["queue"])
+        self.counters = Counter(s["counters"])
+        self.counters["restored"] += 1

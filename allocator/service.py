@@ -1,0 +1,166 @@
+"""The allocator service: one asyncio (uvloop) process serving a ROUTER socket.
+
+It owns the problem set and the Ledger (rounds, leases, statistics). Nothing malformed
+reaches the Ledger: the codec rejects it, the rejection is logged and counted by error code,
+and the service goes on. State is snapshotted atomically to the run directory and restored
+on restart, so a restarted allocator continues the same epoch with the same statistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pickle
+import signal
+import time
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from allocator.config import AllocatorConfig
+from allocator.ledger import Ledger
+from protocol.codec import decode, encode
+from protocol.errors import ProtocolError
+from protocol.messages import (
+    Error,
+    Heartbeat,
+    LearnerProgress,
+    NoWork,
+    StatsReport,
+    WorkRequest,
+)
+from protocol.sockets import CurveKeys, SocketOptions, open_socket, start_authenticator
+from tasks.problems import Problem
+
+log = logging.getLogger("dynamo.allocator")
+SNAPSHOT = "allocator_state.pkl"
+
+
+def write_snapshot(ledger: Ledger, run_dir: Path) -> Path:
+    """Atomic: write to a temporary file, fsync, rename over the previous snapshot."""
+    path = run_dir / SNAPSHOT
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with tmp.open("wb") as f:
+        pickle.dump(ledger.state_dict(), f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    (run_dir / "allocator_status.json").write_text(json.dumps({
+        "time": time.time(), "epoch": ledger.epoch, "round": ledger.round,
+        "learner_version": ledger.learner_version, "issued_groups": ledger.issued_groups,
+        "completed_groups": ledger.completed_groups, "outstanding": ledger.outstanding(),
+        "queue": len(ledger.queue), "stats": ledger.stats.describe(),
+        "counters": dict(ledger.counters)}, indent=1))
+    return path
+
+
+def read_snapshot(run_dir: Path) -> dict | None:
+    path = run_dir / SNAPSHOT
+    if not path.is_file():
+        return None
+    with path.open("rb") as f:
+        return pickle.load(f)
+
+
+class AllocatorService:
+    def __init__(self, problems: list[Problem], cfg: AllocatorConfig, *, rule: str,
+                 verifier: str, prompts_per_step: int, max_staleness: int, endpoint: str,
+                 run_dir: Path, keys: CurveKeys | None = None,
+                 client_keys: set[bytes] | None = None) -> None:
+        self.cfg = cfg
+        self.endpoint = endpoint
+        self.run_dir = Path(run_dir)
+        self.keys = keys
+        self.client_keys = client_keys or set()
+        self.ledger = Ledger(problems, cfg, rule=rule, verifier=verifier,
+                             prompts_per_step=prompts_per_step, max_staleness=max_staleness)
+        state = read_snapshot(self.run_dir)
+        if state is not None:
+            self.ledger.load_state_dict(state, time.monotonic())
+            log.info("restored snapshot: epoch %d round %d, %d grants outstanding",
+                     self.ledger.epoch, self.ledger.round, len(self.ledger.grants))
+        self.stop = asyncio.Event()
+
+    async def _handle(self, sock: zmq.asyncio.Socket, frames: list[zmq.Frame]) -> None:
+        ident, body = frames[0].bytes, frames[1:]
+        ledger = self.ledger
+        try:
+            msg = decode(body)
+        except ProtocolError as e:
+            ledger.counters[f"rejected_{e.code}"] += 1
+            log.warning("rejected message from %r: %s", ident[:32], e)
+            await self._send(sock, ident, Error.from_exception(e))
+            return
+        now = time.monotonic()
+        if isinstance(msg, WorkRequest):
+            reply = ledger.request(msg.actor_id, msg.want, now)
+            for m in ([reply] if isinstance(reply, NoWork) else reply):
+                await self._send(sock, ident, m)
+        elif isinstance(msg, StatsReport):
+            status = ledger.report(msg)
+            if status != "accepted":
+                log.info("ignored %s report for grant %d (lease %d) from %s", status,
+                         msg.grant_id, msg.lease_id, msg.actor_id)
+        elif isinstance(msg, Heartbeat):
+            ledger.heartbeat(msg.sender, list(msg.in_flight), now)
+        elif isinstance(msg, LearnerProgress):
+            ledger.progress(msg.version, msg.consumed_groups)
+        else:
+            ledger.counters["rejected_unexpected_type"] += 1
+            log.warning("unexpected %s from %r", type(msg).__name__, ident[:32])
+
+    async def _send(self, sock: zmq.asyncio.Socket, ident: bytes, msg) -> None:
+        # A vanished peer (ROUTER_MANDATORY) must not stop the service; a lost grant is
+        # re-issued when its lease expires.
+        try:
+            await sock.send_multipart([ident, *encode(msg)], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:
+            self.ledger.counters["send_failed"] += 1
+            log.warning("send to %r failed: %s", ident[:32], e)
+
+    async def _housekeeping(self) -> None:
+        last_snap = time.monotonic()
+        while not self.stop.is_set():
+            await asyncio.sleep(0.25)
+            n = self.ledger.expire(time.monotonic())
+            if n:
+                log.warning("%d leases expired; grants re-queued", n)
+            if time.monotonic() - last_snap >= self.cfg.snapshot_every_s:
+                write_snapshot(self.ledger, self.run_dir)
+                last_snap = time.monotonic()
+
+    async def serve(self) -> None:
+        ctx = zmq.asyncio.Context()
+        auth = start_authenticator(ctx, self.client_keys) if self.keys is not None else None
+        sock = open_socket(ctx, zmq.ROUTER, self.endpoint, bind=True, keys=self.keys,
+                           options=SocketOptions(sndhwm=10000, rcvhwm=10000))
+        log.info("allocator serving %s (%d problems)", self.endpoint, len(self.ledger.problems))
+        house = asyncio.create_task(self._housekeeping())
+        try:
+            while not self.stop.is_set():
+                if await sock.poll(200) & zmq.POLLIN:
+                    frames = await sock.recv_multipart(copy=False)
+                    await self._handle(sock, frames)
+        finally:
+            house.cancel()
+            write_snapshot(self.ledger, self.run_dir)
+            sock.close(linger=0)
+            if auth is not None:
+                auth.stop()
+            ctx.term()
+
+
+def run_allocator(service: AllocatorService) -> None:
+    """Run until SIGTERM/SIGINT, on uvloop."""
+    import uvloop
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.stop.set)
+        await service.serve()
+
+    uvloop.run(main())

@@ -1,0 +1,161 @@
+"""`dynamo-rl`: one entry point whose subcommands start each component and the whole run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from launch.config import ConfigError, RunConfig, dump_config, load_config
+
+KEY_NAMES = ("server", "actor", "learner")
+
+
+def setup_logging(role: str) -> None:
+    logging.basicConfig(level=os.environ.get("DYNAMO_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def model_path(cfg: RunConfig, progress: bool = True) -> str:
+    """The configured model directory, or the embedded tiny model (built if not cached)."""
+    if cfg.model.path is not None:
+        return str(cfg.model.path)
+    from launch.embedded_model import ensure_embedded_model
+
+    return str(ensure_embedded_model(cfg.model.cache_dir, cfg.model.warm_start_steps,
+                                     cfg.model.seed, progress=progress))
+
+
+def run_keys(cfg: RunConfig, role: str):
+    """(this process's CurveKeys, client keys a server admits) or (None, None) without CURVE."""
+    if not cfg.network.curve:
+        return None, None
+    from protocol.sockets import CurveKeys, public_keys
+
+    key_dir = cfg.run_dir / "keys"
+    if not (key_dir / "server.key").is_file():
+        raise ConfigError(f"network.curve is on but {key_dir} holds no run keys: run "
+                          f"`dynamo-rl keys {cfg.run_dir}` (the launcher does it for you)")
+    keys = CurveKeys.load(key_dir, client=role if role != "allocator" else None)
+    return keys, public_keys(key_dir)
+
+
+def ensure_run_keys(run_dir: Path) -> None:
+    from protocol.sockets import generate_keys
+
+    key_dir = run_dir / "keys"
+    missing = [n for n in KEY_NAMES if not (key_dir / f"{n}.key_secret").is_file()]
+    if missing:
+        generate_keys(key_dir, missing)
+
+
+def cmd_check_config(cfg: RunConfig, args: argparse.Namespace) -> int:
+    print(dump_config(cfg), end="")
+    return 0
+
+
+def cmd_keys(cfg: RunConfig, args: argparse.Namespace) -> int:
+    ensure_run_keys(cfg.run_dir)
+    print(f"run keys in {cfg.run_dir / 'keys'} (owner-only)")
+    return 0
+
+
+def cmd_build_model(cfg: RunConfig, args: argparse.Namespace) -> int:
+    print(model_path(cfg))
+    return 0
+
+
+def cmd_allocator(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from allocator.service import AllocatorService, run_allocator
+    from tasks.problems import load_task
+
+    setup_logging("allocator")
+    problems, _ = load_task(cfg.task)
+    keys, clients = run_keys(cfg, "allocator")
+    net = cfg.network
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    service = AllocatorService(
+        problems, cfg.allocator, rule=cfg.budget_rule, verifier=cfg.task.verifier_name,
+        prompts_per_step=cfg.learner.prompts_per_step, max_staleness=cfg.max_staleness,
+        endpoint=f"tcp://{net.host}:{net.allocator_port}", run_dir=cfg.run_dir, keys=keys,
+        client_keys=clients)
+    run_allocator(service)
+    return 0
+
+
+def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
+    import signal
+
+    from actors.worker import Actor, Endpoints
+
+    setup_logging(f"actor{args.index}")
+    path = model_path(cfg, progress=False)
+    keys, _ = run_keys(cfg, "actor")
+    net = cfg.network
+    ep = Endpoints(allocator=f"tcp://{net.host}:{net.allocator_port}",
+                   rollouts=f"tcp://{net.host}:{net.rollout_port}",
+                   weights=f"tcp://{net.host}:{net.weights_port}")
+    actor = Actor(cfg.actor, path, ep, index=args.index, keys=keys,
+                  max_message_bytes=net.max_message_mib << 20)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: actor.stop.set())
+    actor.run()
+    return 0
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate config overrides (`--section.field VALUE`, `--preset X`) from CLI options."""
+    top = set(RunConfig.model_fields)
+    own, overrides = [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name = a[2:].partition("=")[0].replace("-", "_")
+        if a.startswith("--") and ("." in name or name in top):
+            take = 1 if "=" in a else 2
+            overrides.extend(argv[i:i + take])
+            i += take
+        else:
+            own.append(a)
+            i += 1
+    return own, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dynamo-rl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help,
+                           epilog="Any config field can be overridden: --learner.lr 1e-6")
+        p.add_argument("config", nargs="?", help="run config TOML (default: built-in defaults)")
+        p.set_defaults(fn=fn)
+        return p
+
+    add("check-config", cmd_check_config, "validate a config and print it with every default")
+    add("keys", cmd_keys, "create the run's CURVE keys in RUN_DIR/keys")
+    add("build-model", cmd_build_model, "build (or find) the embedded tiny model; print its path")
+    add("allocator", cmd_allocator, "run the allocator service")
+    p = add("actor", cmd_actor, "run one actor (vLLM engine)")
+    p.add_argument("--index", type=int, default=0, help="actor index (seed offset, log name)")
+    try:
+        from launch import commands  # noqa: F401  (learner/run subcommands, when present)
+        commands.register(add)
+    except ImportError:
+        pass
+
+    own, rest = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(own)
+    try:
+        cfg = load_config(args.config, rest)
+        return args.fn(cfg, args) or 0
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"dynamo-rl {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The run configuration: every component's config composed, read from TOML + overrides.
+
+Every field is defined and defaulted once, in its component's config class. Invalid
+configurations fail here, at start-up, with a message naming the field and the reason.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from actors.config import ActorConfig
+from allocator.config import AllocatorConfig
+from learner.config import LearnerConfig
+from tasks.config import TaskConfig
+
+Preset = Literal["grpo", "dynamo", "alloc-only", "modulation-only"]
+# Which budget rule each preset implies (DESIGN.md §3, "Presets to compare").
+PRESET_RULE: dict[str, str] = {
+    "grpo": "uniform",
+    "dynamo": "variance",
+    "alloc-only": "variance",
+    "modulation-only": "uniform",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and the reason."""
+
+
+class ModelConfig(BaseModel):
+    """The policy model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path | None = Field(
+        None, description="local HF model directory; None builds the embedded tiny model")
+    cache_dir: Path = Field(
+        Path(".cache/models"), description="where the embedded model is built and reused")
+    warm_start_steps: int = Field(
+        600, ge=0, description="supervised steps of the embedded model's warm start")
+    seed: int = Field(0, description="seed of the embedded model's init and warm start")
+
+    @model_validator(mode="after")
+    def _check_path(self) -> ModelConfig:
+        if self.path is not None and not (Path(self.path) / "config.json").is_file():
+            raise ValueError(f"model.path: {self.path} is not an HF model directory "
+                             "(no config.json)")
+        return self
+
+
+class NetworkConfig(BaseModel):
+    """Addresses of the run's sockets. Actors and the learner connect to these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address the head node binds and others reach")
+    allocator_port: int = Field(5710, ge=1, le=65535, description="allocator ROUTER port")
+    rollout_port: int = Field(5711, ge=1, le=65535, description="learner rollout PULL port")
+    weights_port: int = Field(5712, ge=1, le=65535, description="learner weights ROUTER port")
+    curve: bool = Field(True, description="authenticate and encrypt with CURVE (run's keys)")
+    max_message_mib: int = Field(512, ge=1, description="largest accepted message")
+
+    def endpoint(self, port: int, bind: bool = False) -> str:
+        return f"tcp://{'*' if bind and self.host == '0.0.0.0' else self.host}:{port}"
+
+
+class RunConfig(BaseModel):
+    """One training run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: Path = Field(Path("runs/default"), description="logs, metrics, checkpoints, keys")
+    preset: Preset = Field("dynamo", description="grpo | dynamo | alloc-only | modulation-only")
+    mode: Literal["async", "sync"] = Field(
+        "async", description="sync: actors wait for each new version (max_staleness 0)")
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    allocator: AllocatorConfig = Field(default_factory=AllocatorConfig)
+    actor: ActorConfig = Field(default_factory=ActorConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> RunConfig:
+        if self.actor.max_tokens >= self.actor.max_model_len:
+            raise ValueError(f"actor.max_tokens = {self.actor.max_tokens} leaves no room for the "
+                             f"prompt in actor.max_model_len = {self.actor.max_model_len}")
+        ports = [self.network.allocator_port, self.network.rollout_port, self.network.weights_port]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"network ports must differ, got {ports}")
+        return self
+
+    @property
+    def budget_rule(self) -> str:
+        return self.allocator.rule or PRESET_RULE[self.preset]
+
+    @property
+    def max_staleness(self) -> int:
+        return 0 if self.mode == "sync" else self.allocator.max_staleness
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--learner.lr 1e-6 --preset grpo` (or `--learner.lr=1e-6`) -> nested dict.
+
+    Values are read as TOML literals (numbers, booleans, arrays, quoted strings); anything
+    that is not a TOML literal is taken as a plain string.
+    """
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"override {arg!r}: expected --section.field VALUE")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key}: missing value")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        node = out
+        parts = key.replace("-", "_").split(".") if "." in key else [key.replace("-", "_")]
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = parsed
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(run config)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {field}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML run config (optional), apply overrides, validate. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+    _merge(data, parse_overrides(overrides or []))
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """TOML text of a config (written into the run directory so a run can be resumed)."""
+    return _to_toml(cfg.model_dump(mode="json", exclude_none=True))
+
+
+def _to_toml(d: dict[str, Any], prefix: str = "") -> str:
+    scalars, tables = [], []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            tables.append((k, v))
+        else:
+            scalars.append(f"{k} = {_toml_value(v)}")
+    out = ("\n".join(scalars) + "\n") if scalars else ""
+    for k, v in tables:
+        name = f"{prefix}{k}"
+        out += f"\n[{name}]\n" + _to_toml(v, prefix=name + ".")
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'

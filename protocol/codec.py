@@ -1,0 +1,221 @@
+"""msgpack codec: messages <-> ZeroMQ multipart frames, numpy arrays without copies.
+
+Wire format (PROTOCOL_VERSION 1):
+    frame 0      msgpack map {"v": version, "t": wire type, "f": {header fields},
+                              "a": [[field, dtype, shape], ...]}
+    frame 1..k   one raw buffer per entry of "a", in order: a little-endian C-contiguous array
+                 (dtype is numpy's dtype.str, e.g. "<f4") or a bytes payload (dtype "bytes").
+
+Guarantees:
+- `encode` copies no array or payload: out-of-band frames are memoryviews of the message's own
+  buffers, so they must not be mutated until ZeroMQ has sent them.
+- `decode` copies no array or payload either: arrays are read-only `np.frombuffer` views of
+  the received frames, payloads read-only memoryviews.
+- `decode` either returns a message that passed full schema validation or raises a
+  `ProtocolError` subclass, whatever the input (garbage, truncation, wrong frame count, msgpack
+  bombs, deep nesting, other versions); the total size is checked before anything is parsed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from protocol.errors import (
+    ArrayMismatch,
+    FieldTypeError,
+    MalformedFrame,
+    MissingField,
+    OversizeMessage,
+    ProtocolError,
+    UnexpectedField,
+    UnknownMessageType,
+    VersionMismatch,
+)
+from protocol.messages import (
+    LIST_LEN,
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    TEXT_LEN,
+    Array,
+    Message,
+    Spec,
+)
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
+BYTES_DTYPE = "bytes"
+Frame = bytes | bytearray | memoryview | zmq.Frame
+
+# Unpack limits bound what a hostile header can make msgpack allocate: no string beyond the
+# longest text field (UTF-8 may take 4 bytes a character), no bin or ext at all, short maps.
+_UNPACK_LIMITS: dict[str, int] = {
+    "max_str_len": 4 * TEXT_LEN,
+    "max_bin_len": 0,
+    "max_ext_len": 0,
+    "max_array_len": LIST_LEN,
+    "max_map_len": 64,
+}
+_HEADER_KEYS = frozenset(("v", "t", "f", "a"))
+
+Layout = tuple[tuple[tuple[str, Spec], ...], tuple[tuple[str, Spec], ...]]
+# Per type: (header fields, out-of-band fields), each in schema order.
+_LAYOUTS: dict[type[Message], Layout] = {
+    cls: (
+        tuple((n, s) for n, s in cls.SCHEMA if not s.out_of_band),
+        tuple((n, s) for n, s in cls.SCHEMA if s.out_of_band),
+    )
+    for cls in MESSAGE_TYPES.values()
+}
+
+
+def encode(
+    msg: Message, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> list[bytes | memoryview]:
+    """Frames for `msg` (already validated at construction; see module docstring on mutation)."""
+    layout = _LAYOUTS.get(type(msg))
+    if layout is None:
+        raise UnknownMessageType(f"cannot encode {type(msg).__name__}: not a registered message")
+    inline, out_of_band = layout
+    t = msg.TYPE
+    frames: list[bytes | memoryview] = [b""]
+    arrays: list[list[Any]] = []
+    for name, spec in out_of_band:
+        v = getattr(msg, name)
+        if isinstance(spec, Array):
+            if not v.flags.c_contiguous:
+                v = np.ascontiguousarray(v)
+            arrays.append([name, spec.dtype.str, [v.size]])
+            frames.append(memoryview(v).cast("B"))
+        else:
+            buf = memoryview(v).cast("B")
+            arrays.append([name, BYTES_DTYPE, [buf.nbytes]])
+            frames.append(buf)
+    header = msgpack.packb(
+        {"v": PROTOCOL_VERSION, "t": t,
+         "f": {name: spec.to_wire(getattr(msg, name)) for name, spec in inline}, "a": arrays},
+        use_bin_type=True,
+    )
+    frames[0] = header
+    total = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+    if total > max_message_bytes:
+        raise OversizeMessage(f"{total} bytes exceed the {max_message_bytes}-byte limit",
+                              msg_type=t)
+    return frames
+
+
+def decode(frames: Sequence[Frame], *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+           ) -> Message:
+    """Rebuild and validate a message from its frames, or raise a `ProtocolError`."""
+    try:
+        return _decode(frames, max_message_bytes)
+    except ProtocolError:
+        raise
+    except Exception as e:  # a hostile peer must never crash a service: keep the error typed
+        raise MalformedFrame(f"undecodable message ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+def _as_buffer(frame: object, i: int) -> memoryview:
+    if isinstance(frame, zmq.Frame):
+        frame = frame.buffer
+    if isinstance(frame, bytes | bytearray):
+        return memoryview(frame)
+    if isinstance(frame, memoryview):
+        if not frame.c_contiguous:
+            raise MalformedFrame(f"frame {i} is not a contiguous buffer")
+        return frame if frame.format == "B" and frame.ndim == 1 else frame.cast("B")
+    raise MalformedFrame(f"frame {i} is a {type(frame).__name__}, not a buffer")
+
+
+def _decode(frames: Sequence[Frame], max_message_bytes: int) -> Message:
+    if isinstance(frames, bytes | bytearray | memoryview | zmq.Frame | str):
+        raise MalformedFrame("expected a sequence of frames, got a single buffer")
+    bufs = [_as_buffer(f, i) for i, f in enumerate(frames)]
+    if not bufs:
+        raise MalformedFrame("empty message: no header frame")
+    total = sum(b.nbytes for b in bufs)
+    if total > max_message_bytes:
+        raise OversizeMessage(f"{total} bytes exceed the {max_message_bytes}-byte limit")
+
+    try:
+        header = msgpack.unpackb(bufs[0], raw=False, use_list=True, strict_map_key=True,
+                                 **_UNPACK_LIMITS)
+    except Exception as e:  # msgpack raises a zoo of types (ValueError, StackError, ...)
+        raise MalformedFrame(f"header is not valid msgpack ({type(e).__name__}: "
+                             f"{str(e)[:200]})") from e
+    if not isinstance(header, dict):
+        raise MalformedFrame(f"header is a {type(header).__name__}, not a map")
+    # The version is checked first: a future version may change everything else.
+    v = header.get("v")
+    if type(v) is not int:
+        raise MalformedFrame(f"header has no integer protocol version (got {v!r:.40})")
+    if v != PROTOCOL_VERSION:
+        raise VersionMismatch(f"peer speaks protocol version {v}, we speak {PROTOCOL_VERSION}")
+    if header.keys() != _HEADER_KEYS:
+        raise MalformedFrame(f"header keys {sorted(map(repr, header))} != {sorted(_HEADER_KEYS)}")
+    t, f, a = header["t"], header["f"], header["a"]
+    cls = MESSAGE_TYPES.get(t) if type(t) is str else None
+    if cls is None:
+        raise UnknownMessageType(f"unknown message type {t!r:.80}")
+    if not isinstance(f, dict):
+        raise MalformedFrame(f"field map is a {type(f).__name__}", msg_type=t)
+    if not isinstance(a, list):
+        raise MalformedFrame(f"array list is a {type(a).__name__}", msg_type=t)
+    inline, out_of_band = _LAYOUTS[cls]
+
+    specs = dict(out_of_band)
+    for key in f:
+        if key in specs:
+            raise FieldTypeError("must travel as its own frame, not in the header",
+                                 msg_type=t, field=key)
+        if key not in cls.__dataclass_fields__:  # type: ignore[attr-defined]
+            raise UnexpectedField("not in the schema", msg_type=t, field=str(key)[:80])
+    kwargs: dict[str, Any] = {}
+    for name, _ in inline:
+        if name not in f:
+            raise MissingField("missing from the header", msg_type=t, field=name)
+        kwargs[name] = f[name]
+
+    if len(bufs) != 1 + len(a):
+        raise MalformedFrame(f"header declares {len(a)} buffer frame(s), got {len(bufs) - 1}",
+                             msg_type=t)
+    for entry, buf in zip(a, bufs[1:], strict=True):
+        if not (isinstance(entry, list) and len(entry) == 3 and type(entry[0]) is str):
+            raise MalformedFrame(f"bad buffer descriptor {entry!r:.80}", msg_type=t)
+        name, dtype, shape = entry
+        spec = specs.get(name)
+        if spec is None:
+            raise UnexpectedField("not an array or bytes field of the schema", msg_type=t,
+                                  field=name[:80])
+        if name in kwargs:
+            raise MalformedFrame("buffer declared twice", msg_type=t, field=name)
+        kwargs[name] = _from_frame(spec, buf, dtype, shape, t, name)
+    for name in specs:
+        if name not in kwargs:
+            raise MissingField("no buffer frame declared", msg_type=t, field=name)
+    return cls(**kwargs)  # runs the schema and cross-field validation
+
+
+def _from_frame(spec: Spec, buf: memoryview, dtype: object, shape: object, t: str,
+                name: str) -> np.ndarray | memoryview:
+    if not (isinstance(shape, list) and len(shape) == 1 and type(shape[0]) is int
+            and shape[0] >= 0):
+        raise ArrayMismatch(f"expected a 1-D shape, got {shape!r:.80}", msg_type=t, field=name)
+    n = shape[0]
+    want_dtype, itemsize = (
+        (spec.dtype.str, spec.dtype.itemsize) if isinstance(spec, Array) else (BYTES_DTYPE, 1)
+    )
+    if dtype != want_dtype:
+        raise ArrayMismatch(f"expected dtype {want_dtype!r}, got {dtype!r:.40}", msg_type=t,
+                            field=name)
+    if buf.nbytes != n * itemsize:
+        raise MalformedFrame(f"frame holds {buf.nbytes} bytes, header declares {n * itemsize}",
+                             msg_type=t, field=name)
+    if isinstance(spec, Array):
+        arr = np.frombuffer(buf, dtype=spec.dtype)
+        arr.flags.writeable = False  # received zmq frames are writable; validated data must not be
+        return arr
+    return buf.toreadonly()

@@ -1,0 +1,238 @@
+"""Versioned weight transport over ZeroMQ: learner ROUTER -> actor DEALERs, credit-based.
+
+The whole transport is two objects behind a small interface, so an NCCL broadcast can
+replace it on GPU clusters:
+- `WeightPublisher.publish(version, named_tensors)` (learner side; a background thread owns
+  the socket) and
+- `WeightReceiver.handle(msg) -> replies, complete tensors or None` (actor side, socket-free).
+
+Guarantees:
+- Only the newest version is ever sent; an actor mid-transfer of an older version is switched
+  to the newest (it discards the partial blob).
+- Each actor has its own credit window (`window` chunks unacknowledged at most): a slow actor
+  neither loses chunks (nothing exceeds the socket's high-water mark) nor stalls the others.
+- An actor applies a version only when every chunk arrived and the blob's SHA-256 equals the
+  announced one; a mismatch is counted and the version re-requested.
+- No shared filesystem: everything travels on the socket.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from protocol.codec import decode, encode
+from protocol.errors import ProtocolError
+from protocol.messages import TensorMeta, WeightAck, WeightAnnounce, WeightChunk
+
+log = logging.getLogger("dynamo.weights")
+
+_TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+
+def pack_weights(named: Iterable[tuple[str, torch.Tensor]], version: int,
+                 chunk_bytes: int) -> tuple[WeightAnnounce, memoryview]:
+    """Lay tensors out in one flat blob (one copy) and describe it."""
+    items = [(n, t.detach().to("cpu").contiguous()) for n, t in named]
+    total = sum(t.numel() * t.element_size() for _, t in items)
+    blob = torch.empty(total, dtype=torch.uint8)
+    metas, off = [], 0
+    for name, t in items:
+        nb = t.numel() * t.element_size()
+        blob[off:off + nb] = t.reshape(-1).view(torch.uint8)
+        metas.append(TensorMeta(name, str(t.dtype).removeprefix("torch."), list(t.shape), off, nb))
+        off += nb
+    view = memoryview(blob.numpy())
+    ann = WeightAnnounce(version=version, total_bytes=total, chunk_bytes=chunk_bytes,
+                         n_chunks=-(-total // chunk_bytes),
+                         sha256=hashlib.sha256(view).hexdigest(), tensors=metas)
+    return ann, view
+
+
+def unpack_weights(ann: WeightAnnounce, blob: bytearray) -> list[tuple[str, torch.Tensor]]:
+    """Tensors viewing the blob (no copy)."""
+    out = []
+    for tm in ann.tensors:
+        dtype = _TORCH_DTYPES[tm.dtype]
+        flat = torch.frombuffer(blob, dtype=torch.uint8, count=tm.nbytes, offset=tm.offset)
+        out.append((tm.name, flat.view(dtype).reshape(tm.shape)))
+    return out
+
+
+@dataclass(slots=True)
+class _Peer:
+    version: int  # version this actor holds (or is being sent)
+    sent: int = 0  # chunks sent of `version`
+    acked: int = 0  # chunks acknowledged of `version`
+    last_seen: float = 0.0
+
+
+class WeightPublisher:
+    """Learner side. Call `publish` after an optimizer step; a thread serves the actors."""
+
+    def __init__(self, sock: zmq.Socket, *, window: int = 4, peer_timeout_s: float = 60.0):
+        self.sock = sock
+        self.window = window
+        self.peer_timeout_s = peer_timeout_s
+        self.counters: Counter[str] = Counter()
+        self._latest: tuple[WeightAnnounce, memoryview] | None = None
+        self._lock = threading.Lock()
+        self._peers: dict[bytes, _Peer] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="weight-publisher", daemon=True)
+        self.delivered: dict[int, float] = {}  # version -> time the last known actor finished
+        self._thread.start()
+
+    def publish(self, version: int, named: Iterable[tuple[str, torch.Tensor]],
+                chunk_bytes: int = 8 << 20) -> WeightAnnounce:
+        ann, blob = pack_weights(named, version, chunk_bytes)
+        with self._lock:
+            self._latest = (ann, blob)
+        self.counters["published"] += 1
+        return ann
+
+    @property
+    def peers(self) -> dict[bytes, int]:
+        with self._lock:
+            return {k: p.version if p.acked >= self._n_chunks(p) else -1
+                    for k, p in self._peers.items()}
+
+    def _n_chunks(self, p: _Peer) -> int:
+        latest = self._latest
+        return latest[0].n_chunks if latest and latest[0].version == p.version else 0
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _send(self, ident: bytes, msg) -> None:
+        try:
+            self.sock.send_multipart([ident, *encode(msg)], copy=False)
+        except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or full: forget it, it re-asks
+            self.counters["send_failed"] += 1
+            self._peers.pop(ident, None)
+            log.info("weight send to %r failed: %s", ident, e)
+
+    def _pump(self, ident: bytes, p: _Peer) -> None:
+        latest = self._latest
+        if latest is None:
+            return
+        ann, blob = latest
+        if p.version != ann.version:
+            p.version, p.sent, p.acked = ann.version, 0, 0
+            self._send(ident, ann)
+        while p.sent < ann.n_chunks and p.sent - p.acked < self.window:
+            lo = p.sent * ann.chunk_bytes
+            self._send(ident, WeightChunk(version=ann.version, index=p.sent,
+                                          data=blob[lo:lo + ann.chunk_bytes]))
+            p.sent += 1
+            self.counters["chunks_sent"] += 1
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            events = dict(poller.poll(20))
+            now = time.monotonic()
+            with self._lock:
+                if events.get(self.sock):
+                    self._recv(now)
+                for ident, p in list(self._peers.items()):
+                    if now - p.last_seen > self.peer_timeout_s:
+                        del self._peers[ident]
+                        self.counters["peers_timed_out"] += 1
+                    else:
+                        self._pump(ident, p)
+
+    def _recv(self, now: float) -> None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            ident = frames[0].bytes
+            try:
+                msg = decode(frames[1:])
+                if not isinstance(msg, WeightAck):
+                    raise ProtocolError(f"unexpected {type(msg).__name__} on the weights socket")
+            except ProtocolError as e:
+                self.counters[f"rejected_{e.code}"] += 1
+                log.warning("weights socket rejected a message: %s", e)
+                continue
+            p = self._peers.get(ident)
+            if p is None:
+                # A new (or restarted) actor: it holds msg.version fully.
+                p = self._peers[ident] = _Peer(version=msg.version)
+                p.sent = p.acked = 1 << 62
+            p.last_seen = now
+            if msg.version == p.version:
+                p.acked = max(p.acked, min(msg.next_index, p.sent))
+                n = self._n_chunks(p)
+                if n and msg.next_index >= n and p.version not in self.delivered:
+                    self.delivered[p.version] = now
+            elif msg.version < p.version and msg.next_index == 0:
+                # Explicit re-request (e.g. after a checksum failure): restart from scratch.
+                p.version, p.sent, p.acked = -1, 0, 0
+
+
+class WeightReceiver:
+    """Actor side, socket-free: feed it messages, send its replies, apply what it returns."""
+
+    def __init__(self, actor_id: str, version: int = 0) -> None:
+        self.actor_id = actor_id
+        self.version = version  # newest version fully received
+        self.counters: Counter[str] = Counter()
+        self._ann: WeightAnnounce | None = None
+        self._blob: bytearray | None = None
+        self._got = 0
+
+    def hello(self) -> WeightAck:
+        """First message (and the one re-sent after a reconnect): what this actor holds."""
+        return WeightAck(actor_id=self.actor_id, version=self.version, next_index=1 << 40)
+
+    def handle(self, msg: WeightAnnounce | WeightChunk
+               ) -> tuple[list[WeightAck], tuple[int, list[tuple[str, torch.Tensor]]] | None]:
+        if isinstance(msg, WeightAnnounce):
+            if msg.version == self.version:  # any other version is taken: a resumed learner
+                self.counters["stale_announce"] += 1  # may legitimately roll versions back
+                return [], None
+            self._ann, self._blob, self._got = msg, bytearray(msg.total_bytes), 0
+            return [], None
+        ann = self._ann
+        if ann is None or msg.version != ann.version or msg.index != self._got:
+            self.counters["unexpected_chunk"] += 1
+            return [], None
+        lo = msg.index * ann.chunk_bytes
+        want = min(ann.chunk_bytes, ann.total_bytes - lo)
+        data = memoryview(msg.data)
+        if data.nbytes != want:
+            self.counters["bad_chunk_size"] += 1
+            return self._restart(ann)
+        assert self._blob is not None
+        self._blob[lo:lo + want] = data
+        self._got += 1
+        ack = WeightAck(actor_id=self.actor_id, version=ann.version, next_index=self._got)
+        if self._got < ann.n_chunks:
+            return [ack], None
+        if hashlib.sha256(self._blob).hexdigest() != ann.sha256:
+            self.counters["checksum_mismatch"] += 1
+            log.error("weights v%d failed the checksum; re-requesting", ann.version)
+            return self._restart(ann)
+        self.version = ann.version
+        blob, self._ann, self._blob = self._blob, None, None
+        self.counters["versions_received"] += 1
+        return [ack], (ann.version, unpack_weights(ann, blob))
+
+    def _restart(self, ann: WeightAnnounce) -> tuple[list[WeightAck], None]:
+        self._ann, self._blob, self._got = None, None, 0
+        return [WeightAck(actor_id=self.actor_id, version=self.version, next_index=0)], None
