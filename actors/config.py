@@ -21,6 +21,9 @@ class ActorConfig(BaseModel):
     kv_cache_gib: float = Field(0.25, gt=0, description="KV cache size on CPU (GiB)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU memory share")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per actor engine")
+    dtype: str = Field(
+        "float32", description="engine dtype; float32 on CPU keeps behaviour log-probs equal to "
+        "the learner's fp32 recompute, bfloat16 for GPU runs")
     enforce_eager: bool = Field(True, description="skip CUDA graph / compile capture")
     heartbeat_s: float = Field(2.0, gt=0, description="heartbeat period to the allocator")
     restart_dead: bool = Field(True, description="launcher restarts an actor that died")

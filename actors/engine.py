@@ -38,6 +38,7 @@ class Sample:
 class Engine:
     def __init__(self, model_path: str, *, max_model_len: int, max_tokens: int,
                  temperature: float, top_p: float, seed: int, kv_cache_gib: float,
+                 dtype: str = "float32",
                  gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1,
                  enforce_eager: bool = True) -> None:
         configure_vllm_env(kv_cache_gib)
@@ -51,7 +52,7 @@ class Engine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(model=model_path, max_model_len=max_model_len, seed=seed,
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
-                       logprobs_mode="processed_logprobs", enable_prefix_caching=True,
+                       logprobs_mode="processed_logprobs", enable_prefix_caching=True, dtype=dtype,
                        **kwargs)
         self.engine = self.llm.llm_engine
         self.params = SamplingParams(n=1, temperature=temperature, top_p=top_p,

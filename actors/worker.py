@@ -82,6 +82,7 @@ class Actor:
         self.engine = Engine(model_path, max_model_len=cfg.max_model_len,
                              max_tokens=cfg.max_tokens, temperature=cfg.temperature,
                              top_p=cfg.top_p, seed=cfg.seed + index, kv_cache_gib=cfg.kv_cache_gib,
+                             dtype=cfg.dtype,
                              gpu_memory_utilization=cfg.gpu_memory_utilization,
                              tensor_parallel_size=cfg.tensor_parallel_size,
                              enforce_eager=cfg.enforce_eager)

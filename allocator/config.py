@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from allocator.budget import check_budget_feasible
+
 
 class AllocatorConfig(BaseModel):
     """Round size, per-problem budgets, leases and pacing."""
@@ -33,19 +35,8 @@ class AllocatorConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_budget(self) -> AllocatorConfig:
-        b, n = self.batch_prompts, self.batch_prompts * self.n_mean
-        if self.n_min > self.n_max:
-            raise ValueError(f"allocator.n_min = {self.n_min} exceeds allocator.n_max = {self.n_max}")
-        if b * self.n_min > n:
-            raise ValueError(
-                f"allocator budget infeasible: B*n_min = {b}*{self.n_min} = {b * self.n_min} "
-                f"exceeds N = B*n_mean = {n}")
-        if n > b * self.n_max:
-            raise ValueError(
-                f"allocator budget infeasible: N = B*n_mean = {n} exceeds "
-                f"B*n_max = {b}*{self.n_max} = {b * self.n_max}")
-        if max(self.initial_budget, self.n_min) > self.n_max:
-            raise ValueError("allocator.initial_budget exceeds allocator.n_max")
+        check_budget_feasible(self.batch_prompts, self.n_mean, self.n_min, self.n_max,
+                              self.initial_budget)  # BudgetError (a ValueError) names the numbers
         return self
 
     @property

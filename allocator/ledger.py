@@ -145,7 +145,7 @@ class Ledger:
             status = "mismatch"
         else:
             status = "accepted"
-            self.stats.update(np.array([g.problem]), np.array([r.k]), np.array([r.n]))
+            self.stats.update_one(g.problem, r.k, r.n)
             del self.grants[g.grant_id]
             self.completed_groups += 1
         self.counters[f"report_{status}"] += 1

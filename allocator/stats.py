@@ -123,10 +123,10 @@ class ProblemStats:
         seen = self.g > 0
         return np.divide(self.k, self.g, out=np.full_like(self.g, np.nan), where=seen)
 
-    def describe(self, mastery_threshold: float = 0.85) -> dict[str, float | int]:
-        """Summary for logs. Fractions are over problems seen (g > 0): mastered means pass
-        rate >= mastery_threshold, unsolved means no success on record (k == 0), mixed the
-        rest. mean_pass_rate is the mean of per-problem pass rates (NaN if none seen)."""
+    def describe(self, mastery_threshold: float = 0.85) -> dict[str, float | int | None]:
+        """JSON-ready summary for logs. Fractions are over problems seen (g > 0): mastered
+        means pass rate >= mastery_threshold, unsolved no success on record (k == 0), mixed
+        the rest. mean_pass_rate is the mean per-problem pass rate (None if none seen)."""
         seen = self.g > 0
         n_seen = int(np.count_nonzero(seen))
         rate = self.k[seen] / self.g[seen]
@@ -137,7 +137,7 @@ class ProblemStats:
             "problems": self.num_problems,
             "problems_seen": n_seen,
             "samples": float(self.g.sum()),
-            "mean_pass_rate": float(rate.mean()) if n_seen else float("nan"),
+            "mean_pass_rate": float(rate.mean()) if n_seen else None,
             "frac_mastered": mastered / denom,
             "frac_unsolved": unsolved / denom,
             "frac_mixed": (n_seen - mastered - unsolved) / denom,

@@ -106,6 +106,33 @@ def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from learner.process import LearnerSetup, run_learner
+    from tasks.problems import load_task
+
+    setup_logging(f"learner{os.environ.get('RANK', '0')}")
+    _, held_out = load_task(cfg.task)
+    keys, clients = run_keys(cfg, "learner")
+    net = cfg.network
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    setup = LearnerSetup(
+        cfg=cfg.learner, preset=cfg.preset, model_path=model_path(cfg, progress=False),
+        run_dir=cfg.run_dir, temperature=cfg.actor.temperature, max_tokens=cfg.actor.max_tokens,
+        max_staleness=cfg.max_staleness,
+        allocator=f"tcp://{net.host}:{net.allocator_port}",
+        rollouts=f"tcp://{net.host}:{net.rollout_port}",
+        weights=f"tcp://{net.host}:{net.weights_port}",
+        held_out=held_out, verifier=cfg.task.verifier_name, keys=keys, client_keys=clients,
+        max_message_bytes=net.max_message_mib << 20)
+    return run_learner(setup)
+
+
+def cmd_run(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from launch.local import run_local
+
+    return run_local(cfg, resume=args.resume)
+
+
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separate config overrides (`--section.field VALUE`, `--preset X`) from CLI options."""
     top = set(RunConfig.model_fields)
@@ -141,16 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     add("allocator", cmd_allocator, "run the allocator service")
     p = add("actor", cmd_actor, "run one actor (vLLM engine)")
     p.add_argument("--index", type=int, default=0, help="actor index (seed offset, log name)")
-    try:
-        from launch import commands  # noqa: F401  (learner/run subcommands, when present)
-        commands.register(add)
-    except ImportError:
-        pass
+    add("learner", cmd_learner, "run the learner (one rank; use torchrun for several)")
+    p = add("run", cmd_run, "run allocator, actors and learner on this machine")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
 
     own, rest = split_overrides(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(own)
     try:
-        cfg = load_config(args.config, rest)
+        if getattr(args, "resume", None):  # the run's own config, plus any overrides
+            rest = ["--run_dir", args.resume, *rest]
+            cfg = load_config(Path(args.resume) / "config.toml", rest)
+        else:
+            cfg = load_config(args.config, rest)
         return args.fn(cfg, args) or 0
     except (ConfigError, FileNotFoundError) as e:
         print(f"dynamo-rl {args.command}: {e}", file=sys.stderr)

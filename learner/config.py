@@ -12,6 +12,7 @@ class LearnerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    ranks: int = Field(1, ge=1, description="data-parallel learner processes (local launcher)")
     total_steps: int = Field(40, ge=1, description="optimizer steps to train")
     prompts_per_step: int = Field(32, ge=1, description="rollout groups consumed per step")
     micro_batch_seqs: int = Field(256, ge=1, description="sequences per forward/backward pass")

@@ -19,6 +19,7 @@ Guarantees:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -43,7 +44,6 @@ from protocol.messages import (
     TEXT_LEN,
     Array,
     Message,
-    Spec,
 )
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
@@ -61,49 +61,58 @@ _UNPACK_LIMITS: dict[str, int] = {
 }
 _HEADER_KEYS = frozenset(("v", "t", "f", "a"))
 
-Layout = tuple[tuple[tuple[str, Spec], ...], tuple[tuple[str, Spec], ...]]
-# Per type: (header fields, out-of-band fields), each in schema order.
-_LAYOUTS: dict[type[Message], Layout] = {
-    cls: (
-        tuple((n, s) for n, s in cls.SCHEMA if not s.out_of_band),
-        tuple((n, s) for n, s in cls.SCHEMA if s.out_of_band),
-    )
-    for cls in MESSAGE_TYPES.values()
-}
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Per message type, precomputed: header field names and out-of-band fields."""
+
+    inline: tuple[str, ...]
+    inline_set: frozenset[str]
+    # name -> (wire dtype, item size, numpy dtype or None for a bytes payload), schema order
+    buffers: dict[str, tuple[str, int, np.dtype[Any] | None]]
+
+
+def _layout(cls: type[Message]) -> _Layout:
+    buffers: dict[str, tuple[str, int, np.dtype[Any] | None]] = {}
+    for name, spec in cls.SCHEMA:
+        if isinstance(spec, Array):
+            buffers[name] = (spec.dtype.str, spec.dtype.itemsize, spec.dtype)
+        elif spec.out_of_band:
+            buffers[name] = (BYTES_DTYPE, 1, None)
+    inline = tuple(n for n, s in cls.SCHEMA if not s.out_of_band)
+    return _Layout(inline, frozenset(inline), buffers)
+
+
+_LAYOUTS: dict[type[Message], _Layout] = {c: _layout(c) for c in MESSAGE_TYPES.values()}
 
 
 def encode(
     msg: Message, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 ) -> list[bytes | memoryview]:
-    """Frames for `msg` (already validated at construction; see module docstring on mutation)."""
+    """Frames for `msg` (validated when it was built; see the module docstring on mutation)."""
     layout = _LAYOUTS.get(type(msg))
     if layout is None:
         raise UnknownMessageType(f"cannot encode {type(msg).__name__}: not a registered message")
-    inline, out_of_band = layout
-    t = msg.TYPE
     frames: list[bytes | memoryview] = [b""]
-    arrays: list[list[Any]] = []
-    for name, spec in out_of_band:
+    descriptors: list[list[Any]] = []
+    total = 0
+    for name, (dtype, itemsize, _) in layout.buffers.items():
         v = getattr(msg, name)
-        if isinstance(spec, Array):
-            if not v.flags.c_contiguous:
-                v = np.ascontiguousarray(v)
-            arrays.append([name, spec.dtype.str, [v.size]])
-            frames.append(memoryview(v).cast("B"))
-        else:
+        try:
             buf = memoryview(v).cast("B")
-            arrays.append([name, BYTES_DTYPE, [buf.nbytes]])
-            frames.append(buf)
-    header = msgpack.packb(
-        {"v": PROTOCOL_VERSION, "t": t,
-         "f": {name: spec.to_wire(getattr(msg, name)) for name, spec in inline}, "a": arrays},
-        use_bin_type=True,
-    )
-    frames[0] = header
-    total = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+        except TypeError:  # only C-contiguous views cast: send a strided array by value
+            buf = memoryview(np.ascontiguousarray(v)).cast("B")
+        descriptors.append([name, dtype, [buf.nbytes // itemsize]])
+        frames.append(buf)
+        total += buf.nbytes
+    # NamedTuple records pack as msgpack arrays as they are.
+    fields = {name: getattr(msg, name) for name in layout.inline}
+    frames[0] = header = msgpack.packb(
+        {"v": PROTOCOL_VERSION, "t": msg.TYPE, "f": fields, "a": descriptors}, use_bin_type=True)
+    total += len(header)
     if total > max_message_bytes:
         raise OversizeMessage(f"{total} bytes exceed the {max_message_bytes}-byte limit",
-                              msg_type=t)
+                              msg_type=msg.TYPE)
     return frames
 
 
@@ -118,25 +127,31 @@ def decode(frames: Sequence[Frame], *, max_message_bytes: int = DEFAULT_MAX_MESS
         raise MalformedFrame(f"undecodable message ({type(e).__name__}: {str(e)[:200]})") from e
 
 
+_SINGLE_BUFFER = (bytes, bytearray, memoryview, zmq.Frame, str)
+
+
 def _as_buffer(frame: object, i: int) -> memoryview:
+    """A read-only byte view of one frame (so arrays built over it are read-only too)."""
     if isinstance(frame, zmq.Frame):
-        frame = frame.buffer
+        return frame.buffer.toreadonly()  # always 1-D unsigned bytes
     if isinstance(frame, bytes | bytearray):
-        return memoryview(frame)
+        return memoryview(frame).toreadonly()
     if isinstance(frame, memoryview):
         if not frame.c_contiguous:
             raise MalformedFrame(f"frame {i} is not a contiguous buffer")
-        return frame if frame.format == "B" and frame.ndim == 1 else frame.cast("B")
+        return (frame if frame.format == "B" and frame.ndim == 1 else frame.cast("B")).toreadonly()
     raise MalformedFrame(f"frame {i} is a {type(frame).__name__}, not a buffer")
 
 
 def _decode(frames: Sequence[Frame], max_message_bytes: int) -> Message:
-    if isinstance(frames, bytes | bytearray | memoryview | zmq.Frame | str):
+    if isinstance(frames, _SINGLE_BUFFER):
         raise MalformedFrame("expected a sequence of frames, got a single buffer")
     bufs = [_as_buffer(f, i) for i, f in enumerate(frames)]
     if not bufs:
         raise MalformedFrame("empty message: no header frame")
-    total = sum(b.nbytes for b in bufs)
+    total = 0
+    for b in bufs:
+        total += b.nbytes
     if total > max_message_bytes:
         raise OversizeMessage(f"{total} bytes exceed the {max_message_bytes}-byte limit")
 
@@ -163,59 +178,47 @@ def _decode(frames: Sequence[Frame], max_message_bytes: int) -> Message:
     if not isinstance(f, dict):
         raise MalformedFrame(f"field map is a {type(f).__name__}", msg_type=t)
     if not isinstance(a, list):
-        raise MalformedFrame(f"array list is a {type(a).__name__}", msg_type=t)
-    inline, out_of_band = _LAYOUTS[cls]
+        raise MalformedFrame(f"buffer list is a {type(a).__name__}", msg_type=t)
+    layout = _LAYOUTS[cls]
 
-    specs = dict(out_of_band)
-    for key in f:
-        if key in specs:
-            raise FieldTypeError("must travel as its own frame, not in the header",
-                                 msg_type=t, field=key)
-        if key not in cls.__dataclass_fields__:  # type: ignore[attr-defined]
-            raise UnexpectedField("not in the schema", msg_type=t, field=str(key)[:80])
-    kwargs: dict[str, Any] = {}
-    for name, _ in inline:
-        if name not in f:
-            raise MissingField("missing from the header", msg_type=t, field=name)
-        kwargs[name] = f[name]
+    if f.keys() != layout.inline_set:
+        for key in f:
+            if key in layout.buffers:
+                raise FieldTypeError("must travel as its own frame, not in the header",
+                                     msg_type=t, field=key)
+            if key not in layout.inline_set:
+                raise UnexpectedField("not in the schema", msg_type=t, field=str(key)[:80])
+        missing = next(n for n in layout.inline if n not in f)
+        raise MissingField("missing from the header", msg_type=t, field=missing)
+    kwargs: dict[str, Any] = dict(f)
 
     if len(bufs) != 1 + len(a):
         raise MalformedFrame(f"header declares {len(a)} buffer frame(s), got {len(bufs) - 1}",
                              msg_type=t)
-    for entry, buf in zip(a, bufs[1:], strict=True):
-        if not (isinstance(entry, list) and len(entry) == 3 and type(entry[0]) is str):
+    for i, entry in enumerate(a, start=1):
+        if not (type(entry) is list and len(entry) == 3 and type(entry[0]) is str):
             raise MalformedFrame(f"bad buffer descriptor {entry!r:.80}", msg_type=t)
         name, dtype, shape = entry
-        spec = specs.get(name)
-        if spec is None:
+        want = layout.buffers.get(name)
+        if want is None:
             raise UnexpectedField("not an array or bytes field of the schema", msg_type=t,
                                   field=name[:80])
         if name in kwargs:
             raise MalformedFrame("buffer declared twice", msg_type=t, field=name)
-        kwargs[name] = _from_frame(spec, buf, dtype, shape, t, name)
-    for name in specs:
-        if name not in kwargs:
-            raise MissingField("no buffer frame declared", msg_type=t, field=name)
+        want_dtype, itemsize, np_dtype = want
+        if dtype != want_dtype:
+            raise ArrayMismatch(f"expected dtype {want_dtype!r}, got {dtype!r:.40}", msg_type=t,
+                                field=name)
+        if not (type(shape) is list and len(shape) == 1 and type(shape[0]) is int
+                and shape[0] >= 0):
+            raise ArrayMismatch(f"expected a 1-D shape, got {shape!r:.80}", msg_type=t,
+                                field=name)
+        buf = bufs[i]
+        if buf.nbytes != shape[0] * itemsize:
+            raise MalformedFrame(f"frame holds {buf.nbytes} bytes, header declares "
+                                 f"{shape[0] * itemsize}", msg_type=t, field=name)
+        kwargs[name] = buf if np_dtype is None else np.frombuffer(buf, dtype=np_dtype)
+    if len(kwargs) != len(layout.inline) + len(layout.buffers):
+        missing = next(n for n in layout.buffers if n not in kwargs)
+        raise MissingField("no buffer frame declared", msg_type=t, field=missing)
     return cls(**kwargs)  # runs the schema and cross-field validation
-
-
-def _from_frame(spec: Spec, buf: memoryview, dtype: object, shape: object, t: str,
-                name: str) -> np.ndarray | memoryview:
-    if not (isinstance(shape, list) and len(shape) == 1 and type(shape[0]) is int
-            and shape[0] >= 0):
-        raise ArrayMismatch(f"expected a 1-D shape, got {shape!r:.80}", msg_type=t, field=name)
-    n = shape[0]
-    want_dtype, itemsize = (
-        (spec.dtype.str, spec.dtype.itemsize) if isinstance(spec, Array) else (BYTES_DTYPE, 1)
-    )
-    if dtype != want_dtype:
-        raise ArrayMismatch(f"expected dtype {want_dtype!r}, got {dtype!r:.40}", msg_type=t,
-                            field=name)
-    if buf.nbytes != n * itemsize:
-        raise MalformedFrame(f"frame holds {buf.nbytes} bytes, header declares {n * itemsize}",
-                             msg_type=t, field=name)
-    if isinstance(spec, Array):
-        arr = np.frombuffer(buf, dtype=spec.dtype)
-        arr.flags.writeable = False  # received zmq frames are writable; validated data must not be
-        return arr
-    return buf.toreadonly()

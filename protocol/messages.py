@@ -31,9 +31,9 @@ LOGPROB_EPS = 1e-4
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 ID_LEN = 256  # actor ids, problem ids, verifier names
 TEXT_LEN = 1 << 20  # prompts and reference answers, in characters
-LIST_LEN = 1 << 16
+LIST_LEN = 1 << 16  # in-flight grant ids, tensors of one weight announce
 MAX_TOKENS = 1 << 24  # tokens in one group: 16M x 12 bytes stays under the 256 MiB message cap
-MAX_SAMPLES = 1 << 16
+MAX_SAMPLES = 4096  # samples per prompt (the paper's n_max is 24)
 MAX_CHUNK_BYTES = 1 << 27
 
 
@@ -52,9 +52,6 @@ class Spec:
 
     def check(self, v: Any, t: str, name: str) -> Any:
         raise NotImplementedError
-
-    def to_wire(self, v: Any) -> Any:
-        return v
 
 
 def _type_error(t: str, name: str, expected: str, v: Any) -> FieldTypeError:
@@ -133,9 +130,6 @@ class ListOf(Spec):
                                field=name)
         return [self.item.check(x, t, f"{name}[{i}]") for i, x in enumerate(v)]
 
-    def to_wire(self, v: list[Any]) -> list[Any]:
-        return [self.item.to_wire(x) for x in v]
-
 
 @dataclass(frozen=True, slots=True)
 class Record(Spec):
@@ -151,9 +145,6 @@ class Record(Spec):
         return self.cls(*(s.check(x, t, f"{name}.{n}") for s, x, n in zip(
             self.items, v, names, strict=True)))
 
-    def to_wire(self, v: tuple[Any, ...]) -> list[Any]:
-        return [s.to_wire(x) for s, x in zip(self.items, v, strict=True)]
-
 
 @dataclass(frozen=True, slots=True)
 class Array(Spec):
@@ -166,7 +157,8 @@ class Array(Spec):
     def check(self, v: Any, t: str, name: str) -> np.ndarray:
         if not isinstance(v, np.ndarray):
             raise _type_error(t, name, f"numpy array of {self.dtype.name}", v)
-        if v.dtype != self.dtype or v.ndim != 1:
+        # `is` first: native dtypes are singletons, and this runs for every array received.
+        if (v.dtype is not self.dtype and v.dtype != self.dtype) or v.ndim != 1:
             same_name = v.dtype.name == self.dtype.name and v.dtype != self.dtype
             got = f"dtype {v.dtype.str}" if same_name else describe_array(v)
             raise ArrayMismatch(f"expected 1-D {self.dtype.name} ({self.dtype.str}), got {got}",
@@ -175,7 +167,7 @@ class Array(Spec):
             raise ArrayMismatch(f"expected at most {self.max_len} elements, got {v.size}",
                                 msg_type=t, field=name)
         # Decoded bool arrays are raw bytes: anything but 0/1 is not a bool.
-        if v.dtype == np.bool_ and v.size and v.view(np.uint8).max() > 1:
+        if v.dtype.kind == "b" and v.size and v.view(np.uint8).max() > 1:
             raise InvalidValue("bool array holds bytes other than 0 and 1", msg_type=t, field=name)
         return v
 
@@ -389,15 +381,16 @@ class RolloutGroup(Message):
 
     def _check(self) -> None:
         t = self.TYPE
-        lengths = self.completion_lengths
-        n = lengths.size
+        # Per-sample arrays are short (n <= MAX_SAMPLES): plain Python beats numpy call overhead.
+        lengths = self.completion_lengths.tolist()
+        n = len(lengths)
         if n < 1:
             raise ArrayMismatch("expected at least one sample, got int32[0]", msg_type=t,
                                 field="completion_lengths")
-        if lengths.min() < 0:
-            raise InvalidValue(f"expected lengths >= 0, got {int(lengths.min())}", msg_type=t,
+        if min(lengths) < 0:
+            raise InvalidValue(f"expected lengths >= 0, got {min(lengths)}", msg_type=t,
                                field="completion_lengths")
-        n_tokens = int(lengths.sum(dtype=np.int64))
+        n_tokens = sum(lengths)
         for name, want, why in (
             ("rewards", n, "len(completion_lengths)"),
             ("finished", n, "len(completion_lengths)"),
@@ -409,16 +402,19 @@ class RolloutGroup(Message):
             if a.size != want:
                 raise ArrayMismatch(f"expected {a.dtype.name} with {want} elements ({why}), "
                                     f"got {describe_array(a)}", msg_type=t, field=name)
-        if not np.isfinite(self.rewards).all():
-            raise InvalidValue("rewards must be finite", msg_type=t, field="rewards")
-        for name in ("prompt_token_ids", "completion_token_ids", "token_versions"):
-            a = getattr(self, name)
-            if a.size and a.min() < 0:
-                raise InvalidValue(f"expected values >= 0, got {int(a.min())}", msg_type=t,
-                                   field=name)
+        # A float64 sum of float32 values cannot overflow; NaN and +-inf propagate into it.
+        if not math.isfinite(sum(self.rewards.tolist())):
+            raise InvalidValue("expected finite rewards", msg_type=t, field="rewards")
+        if n_tokens == 0:
+            return
+        # Token ids are left to the learner, which alone knows the vocabulary size.
+        # These scans read every token once: they are most of the cost of decoding a group.
+        if self.token_versions.min() < 0:
+            raise InvalidValue(f"expected versions >= 0, got {int(self.token_versions.min())}",
+                               msg_type=t, field="token_versions")
         lp = self.behaviour_logprobs
-        # min/max propagate NaN, so these two comparisons also reject NaN.
-        if n_tokens and not (lp.min() > -np.inf and lp.max() <= LOGPROB_EPS):
+        # max and min propagate NaN, so these two comparisons also reject NaN.
+        if not (lp.max() <= LOGPROB_EPS and lp.min() > -np.inf):
             raise InvalidValue(f"expected finite log-probs <= {LOGPROB_EPS}, got range "
                                f"[{lp.min()}, {lp.max()}]", msg_type=t, field="behaviour_logprobs")
 

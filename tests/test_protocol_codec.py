@@ -309,7 +309,6 @@ def test_construction_rejects_wrong_dtype_and_shape() -> None:
     ({"behaviour_logprobs": np.array([-1.0, 0.5], np.float32)}, "behaviour_logprobs"),
     ({"rewards": np.array([np.inf], np.float32)}, "rewards"),
     ({"token_versions": np.array([0, -1], np.int32)}, "token_versions"),
-    ({"completion_token_ids": np.array([5, -3], np.int32)}, "completion_token_ids"),
     ({"gen_seconds": -1.0}, "gen_seconds"),
     ({"grant_id": -1}, "grant_id"),
     ({"problem_id": ""}, "problem_id"),

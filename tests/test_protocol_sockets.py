@@ -115,6 +115,21 @@ def test_pub_sub_reaches_subscriber(ctx: zmq.Context[Any]) -> None:
     assert recv(sub) == ack
 
 
+def test_options_are_applied_before_connecting(ctx: zmq.Context[Any]) -> None:
+    opts = SocketOptions(sndhwm=7, rcvhwm=9, max_message_bytes=4096, linger_ms=3,
+                         heartbeat_ivl_ms=250, heartbeat_timeout_ms=900)
+    router = open_socket(ctx, zmq.ROUTER, ANY_PORT, bind=True, options=opts)
+    dealer = open_socket(ctx, zmq.DEALER, endpoint(router), bind=False, options=opts)
+    inproc = open_socket(ctx, zmq.PULL, "inproc://no-heartbeat", bind=True, options=opts)
+    for sock in (router, dealer):
+        assert (sock.sndhwm, sock.rcvhwm, sock.linger) == (7, 9, 3)
+        assert sock.getsockopt(zmq.MAXMSGSIZE) == 4096
+        assert sock.getsockopt(zmq.HEARTBEAT_IVL) == 250
+        assert sock.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 900
+    assert dealer.getsockopt(zmq.IMMEDIATE) == 1 and router.getsockopt(zmq.IMMEDIATE) == 0
+    assert inproc.getsockopt(zmq.HEARTBEAT_IVL) == 0  # heartbeats only where TCP is used
+
+
 def test_recv_timeout_raises_again(ctx: zmq.Context[Any]) -> None:
     pull = open_socket(ctx, zmq.PULL, ANY_PORT, bind=True,
                        options=SocketOptions(linger_ms=0, rcvtimeo_ms=50))

@@ -1,0 +1,249 @@
+"""`dynamo-rl run`: allocator, actors and learner on one machine, supervised.
+
+Guarantees:
+- Every child dies with the launcher (PR_SET_PDEATHSIG), so no process outlives the run,
+  even when the launcher itself is SIGKILLed.
+- A dead actor is restarted (or the run continues with the others, per `actor.restart_dead`);
+  a dead learner or allocator ends the run with a message naming the process and its last
+  log lines.
+- Ctrl-C / SIGTERM: the learner gets SIGTERM and writes a final checkpoint; then the others
+  are stopped. `--resume RUN_DIR` continues from the latest checkpoint, with the allocator's
+  snapshot from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launch.config import RunConfig, dump_config
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log: Path
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    started: float = field(default=0.0)
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        f = self.log.open("a")
+        self.proc = subprocess.Popen(self.argv, stdout=f, stderr=subprocess.STDOUT,
+                                     env=self.env, preexec_fn=_die_with_parent)
+        f.close()
+        self.started = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join("    " + line for line in lines[-n:])
+
+
+def restore_allocator_snapshot(run_dir: Path) -> str | None:
+    """On resume: the allocator restarts from the snapshot saved with the latest checkpoint."""
+    latest = run_dir / "checkpoints" / "LATEST"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    snap = run_dir / "checkpoints" / tag / "allocator_state.pkl"
+    if snap.is_file():
+        shutil.copy(snap, run_dir / "allocator_state.pkl")
+    return tag
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("TORCH_EXTENSIONS_DIR",
+                   str(Path.home() / ".cache" / "dynamo-rl" / "torch_extensions"))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Progress:
+    """Follows metrics.jsonl and prints one line per learner step."""
+
+    def __init__(self, path: Path, total_steps: int) -> None:
+        self.path, self.total = path, total_steps
+        self.pos = 0
+        self.records: list[dict] = []
+        self.t0 = time.monotonic()
+
+    def poll(self) -> None:
+        if not self.path.is_file():
+            return
+        with self.path.open() as f:
+            f.seek(self.pos)
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                self.pos += len(line.encode())
+                rec = json.loads(line)
+                self.records.append(rec)
+                self._print(rec)
+
+    def _print(self, r: dict) -> None:
+        step = r["step"]
+        acc = f" held-out acc {r['eval/acc']:.3f}" if "eval/acc" in r else ""
+        if step == 0:
+            print(f"[run] step    0{acc}", flush=True)
+            return
+        el = r.get("elapsed_s", 0.0)
+        toks = sum(x.get("gen_tokens", 0) for x in self.records) / max(el, 1e-9)
+        eta = el / step * (self.total - step)
+        print(f"[run] step {step:4d}/{self.total}  reward {r['reward/mean']:.3f}  "
+              f"zero-signal {r['zero_signal_frac']:.2f}  gen {toks:7.0f} tok/s  "
+              f"step {sum(v for k, v in r.items() if k.startswith('time/')):5.2f}s  "
+              f"ETA {eta:4.0f}s{acc}", flush=True)
+
+
+def run_local(cfg: RunConfig, resume: str | None = None) -> int:
+    from launch.cli import ensure_run_keys, model_path
+
+    run_dir = cfg.run_dir
+    if resume is None and (run_dir / "checkpoints" / "LATEST").exists():
+        print(f"[run] {run_dir} already holds a run; use --resume {run_dir} or another "
+              f"--run_dir", file=sys.stderr)
+        return 2
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dump_config(cfg))
+    if cfg.network.curve:
+        ensure_run_keys(run_dir)
+    else:
+        print("[run] WARNING: network.curve = false: sockets are unauthenticated and "
+              "unencrypted", file=sys.stderr)
+    if resume:
+        tag = restore_allocator_snapshot(run_dir)
+        print(f"[run] resuming {run_dir} from checkpoint {tag}", flush=True)
+    path = model_path(cfg, progress=True)
+    print(f"[run] model {path}", flush=True)
+    cfg_file = str(run_dir / "config.toml")
+    py = [sys.executable, "-m", "launch.cli"]
+    env = child_env()
+    logs = run_dir / "logs"
+    alloc = Child("allocator", [*py, "allocator", cfg_file], logs / "allocator.log", env)
+    if cfg.learner.ranks > 1:
+        learner_argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={cfg.learner.ranks}", "-m", "launch.cli", "learner",
+                        cfg_file]
+    else:
+        learner_argv = [*py, "learner", cfg_file]
+    learner = Child("learner", learner_argv, logs / "learner.log", env)
+    actors = [Child(f"actor{i}", [*py, "actor", cfg_file, "--index", str(i)],
+                    logs / f"actor{i}.log", env) for i in range(cfg.actor.num_actors)]
+    children = [alloc, learner, *actors]
+    stopping = {"signal": None}
+
+    def on_signal(signum, _frame) -> None:
+        stopping["signal"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    progress = Progress(run_dir / "metrics.jsonl", cfg.learner.total_steps)
+    progress.pos = (run_dir / "metrics.jsonl").stat().st_size if resume and \
+        (run_dir / "metrics.jsonl").exists() else 0
+    rc = 0
+    t0 = time.monotonic()
+    try:
+        for c in children:
+            c.start()
+        print(f"[run] started allocator, learner ({cfg.learner.ranks} rank(s)), "
+              f"{len(actors)} actor(s); logs in {logs}", flush=True)
+        while True:
+            time.sleep(0.5)
+            progress.poll()
+            if stopping["signal"] is not None:
+                print("[run] stopping: final checkpoint, then shutdown", flush=True)
+                break
+            if not learner.alive():
+                code = learner.proc.returncode
+                if code != 0:
+                    print(f"[run] ERROR: learner exited with code {code}; last lines of "
+                          f"{learner.log}:\n{learner.tail()}", file=sys.stderr)
+                    rc = 1
+                break
+            if not alloc.alive():
+                print(f"[run] ERROR: allocator exited with code {alloc.proc.returncode}; "
+                      f"last lines of {alloc.log}:\n{alloc.tail()}", file=sys.stderr)
+                rc = 1
+                break
+            for a in actors:
+                if a.proc is not None and not a.alive():
+                    print(f"[run] actor {a.name} died (code {a.proc.returncode}); "
+                          f"{'restarting' if cfg.actor.restart_dead else 'continuing without it'}",
+                          flush=True)
+                    if cfg.actor.restart_dead:
+                        a.restarts += 1
+                        a.start()
+                    else:
+                        a.proc = None
+            if actors and all(a.proc is None for a in actors):
+                print("[run] ERROR: every actor is dead", file=sys.stderr)
+                rc = 1
+                break
+    finally:
+        shutdown([learner], timeout=120)  # learner first: it writes the final checkpoint
+        shutdown([*actors, alloc], timeout=30)
+        for s, h in old.items():
+            signal.signal(s, h)
+        progress.poll()
+    summary(progress.records, time.monotonic() - t0, run_dir)
+    return rc
+
+
+def shutdown(children: list[Child], timeout: float) -> None:
+    live = [c for c in children if c.alive()]
+    for c in live:
+        c.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for c in live:
+        try:
+            c.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            c.proc.kill()
+            c.proc.wait()
+
+
+def summary(records: list[dict], wall_s: float, run_dir: Path) -> None:
+    steps = [r for r in records if r.get("step", 0) > 0]
+    evals = [r for r in records if "eval/acc" in r]
+    if not steps:
+        print("[run] no learner step completed", flush=True)
+        return
+    samples = sum(r["samples"] for r in steps)
+    gen_tokens = sum(r["gen_tokens"] for r in steps)
+    train_s = steps[-1]["elapsed_s"]
+    out = {
+        "steps": steps[-1]["step"], "samples": samples, "gen_tokens": gen_tokens,
+        "wall_s": round(wall_s, 1), "train_loop_s": round(train_s, 1),
+        "gen_tokens_per_s": round(gen_tokens / max(train_s, 1e-9), 1),
+        "acc_before": evals[0]["eval/acc"] if evals else None,
+        "acc_after": evals[-1]["eval/acc"] if evals else None,
+        "reward_first": steps[0]["reward/mean"], "reward_last": steps[-1]["reward/mean"],
+    }
+    (run_dir / "summary.json").write_text(json.dumps(out, indent=1))
+    print("[run] summary: " + ", ".join(f"{k} {v}" for k, v in out.items()), flush=True)

@@ -1,0 +1,92 @@
+"""Rollout groups -> padded training tensors (pure; no sockets, no DeepSpeed).
+
+Invariants:
+- Each sequence is prompt + completion; `mask` marks exactly the completion tokens, and
+  per-token tensors are aligned so that position t holds the token predicted from t-1.
+- Samples keep their group id, so advantages are normalised within the group they were
+  generated in, whatever the group sizes.
+- `shard` splits by whole groups, so every data-parallel rank normalises complete groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from protocol.messages import RolloutGroup
+
+
+@dataclass(slots=True)
+class Batch:
+    input_ids: torch.Tensor  # [S, T] prompt + completion, right-padded
+    attention_mask: torch.Tensor  # [S, T]
+    targets: torch.Tensor  # [S, T-1] next tokens (input_ids shifted left)
+    mask: torch.Tensor  # [S, T-1] bool: target is a completion token
+    logp_behaviour: torch.Tensor  # [S, T-1] μ of each completion token (0 elsewhere)
+    versions: torch.Tensor  # [S, T-1] policy version of each completion token (-1 elsewhere)
+    rewards: torch.Tensor  # [S]
+    group_ids: torch.Tensor  # [S]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    def rows(self, idx: torch.Tensor | slice) -> Batch:
+        """Sub-batch of sequences, trimmed to its own longest sequence."""
+        am = self.attention_mask[idx]
+        width = max(int(am.sum(1).max()), 2) if am.numel() else 2
+        return Batch(self.input_ids[idx][:, :width], am[:, :width],
+                     self.targets[idx][:, :width - 1], self.mask[idx][:, :width - 1],
+                     self.logp_behaviour[idx][:, :width - 1], self.versions[idx][:, :width - 1],
+                     self.rewards[idx], self.group_ids[idx])
+
+
+def build_batch(groups: list[RolloutGroup], pad_id: int = 0) -> Batch:
+    seqs, comp_start, lps, vers, rewards, gids = [], [], [], [], [], []
+    for gi, g in enumerate(groups):
+        prompt = g.prompt_token_ids
+        o = g.offsets
+        for i in range(g.n):
+            s, e = int(o[i]), int(o[i + 1])
+            seqs.append(np.concatenate([prompt, g.completion_token_ids[s:e]]))
+            comp_start.append(len(prompt))
+            lps.append(g.behaviour_logprobs[s:e])
+            vers.append(g.token_versions[s:e])
+            rewards.append(float(g.rewards[i]))
+            gids.append(gi)
+    S = len(seqs)
+    T = max(max(len(s) for s in seqs), 2)
+    input_ids = torch.full((S, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((S, T), dtype=torch.long)
+    mask = torch.zeros((S, T - 1), dtype=torch.bool)
+    logp_b = torch.zeros((S, T - 1), dtype=torch.float32)
+    versions = torch.full((S, T - 1), -1, dtype=torch.long)
+    for r, (seq, p, lp, v) in enumerate(zip(seqs, comp_start, lps, vers, strict=True)):
+        n = len(seq)
+        input_ids[r, :n] = torch.from_numpy(seq.astype(np.int64))
+        attn[r, :n] = 1
+        # target index t predicts input_ids[t+1]; completion token j sits at input p+j
+        mask[r, p - 1:n - 1] = True
+        logp_b[r, p - 1:n - 1] = torch.from_numpy(np.asarray(lp, dtype=np.float32))
+        versions[r, p - 1:n - 1] = torch.from_numpy(np.asarray(v, dtype=np.int64))
+    return Batch(input_ids, attn, input_ids[:, 1:].clone(), mask, logp_b, versions,
+                 torch.tensor(rewards, dtype=torch.float32), torch.tensor(gids))
+
+
+def shard(groups: list[RolloutGroup], rank: int, world: int) -> list[RolloutGroup]:
+    """This rank's share of whole groups, balanced by token count (greedy)."""
+    order = sorted(range(len(groups)), key=lambda i: -groups[i].num_tokens - groups[i].n)
+    load = [0] * world
+    mine: list[int] = []
+    for i in order:
+        r = min(range(world), key=lambda k: (load[k], k))
+        load[r] += groups[i].num_tokens + groups[i].n
+        if r == rank:
+            mine.append(i)
+    return [groups[i] for i in sorted(mine)]
+
+
+def micro_batches(n_rows: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n_rows)) for i in range(0, n_rows, size)]

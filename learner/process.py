@@ -1,0 +1,187 @@
+"""The learner process around the Trainer: sockets (rank 0 only), loop, metrics, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+import zmq
+
+from learner.config import LearnerConfig
+from learner.objective import PRESETS, ObjectiveConfig
+from learner.batch import shard
+from learner.trainer import Trainer, init_distributed, metrics_line, send_progress
+from protocol.sockets import CurveKeys, SocketOptions, open_socket
+from tasks.problems import Problem
+
+log = logging.getLogger("dynamo.learner")
+
+
+@dataclass(slots=True)
+class LearnerSetup:
+    cfg: LearnerConfig
+    preset: str
+    model_path: str
+    run_dir: Path
+    temperature: float
+    max_tokens: int
+    max_staleness: int
+    allocator: str  # endpoints
+    rollouts: str
+    weights: str
+    held_out: list[Problem]
+    verifier: str
+    keys: CurveKeys | None = None
+    client_keys: set[bytes] | None = None
+    max_message_bytes: int = 512 << 20
+
+
+def objective_config(cfg: LearnerConfig, preset: str) -> ObjectiveConfig:
+    import dataclasses
+
+    return dataclasses.replace(PRESETS[preset], is_mode=cfg.is_mode, is_cap=cfg.is_cap,
+                               mask_low=cfg.mask_low, mask_high=cfg.mask_high,
+                               skip_zero_signal=cfg.skip_zero_signal)
+
+
+def run_learner(s: LearnerSetup) -> int:
+    rank, world = init_distributed()
+    cfg = s.cfg
+    trainer = Trainer(cfg, objective_config(cfg, s.preset), s.model_path,
+                      temperature=s.temperature)
+    ckpt_root = s.run_dir / "checkpoints"
+    state = trainer.load(ckpt_root)
+    step = int(state["step"]) if state else 0
+    counters: Counter[str] = Counter(state["counters"]) if state else Counter()
+    if state:
+        log.info("resumed from %s at step %d (version %d)",
+                 (ckpt_root / "LATEST").read_text(), step, trainer.version)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    intake = publisher = alloc = ctx = tokenizer = None
+    metrics_f = None
+    if rank == 0:
+        from transformers import AutoTokenizer
+
+        from learner.intake import Intake
+        from protocol.weights import WeightPublisher
+
+        tokenizer = AutoTokenizer.from_pretrained(s.model_path)
+        intake = Intake(s.rollouts, capacity=4 * cfg.prompts_per_step, keys=s.keys,
+                        client_keys=s.client_keys, max_message_bytes=s.max_message_bytes)
+        if state:
+            intake.seen.update(state.get("seen", []))
+            intake.counters.update(counters)
+        ctx = zmq.Context()
+        if s.keys is not None:
+            from protocol.sockets import start_authenticator
+
+            auth = start_authenticator(ctx, s.client_keys or set())
+        wsock = open_socket(ctx, zmq.ROUTER, s.weights, bind=True, keys=s.keys,
+                            options=SocketOptions(sndhwm=256,
+                                                  max_message_bytes=s.max_message_bytes))
+        publisher = WeightPublisher(wsock)
+        alloc = open_socket(ctx, zmq.DEALER, s.allocator, bind=False, keys=s.keys)
+        publisher.publish(trainer.version, trainer.named_weights(),
+                          chunk_bytes=int(cfg.weight_chunk_mib * (1 << 20)))
+        send_progress(alloc, trainer.version, intake.counters)
+        metrics_f = (s.run_dir / "metrics.jsonl").open("a")
+    last_progress = [time.monotonic()]
+
+    def heartbeat() -> None:
+        if alloc is not None and intake is not None:
+            send_progress(alloc, trainer.version, intake.counters)
+            last_progress[0] = time.monotonic()
+
+    t_start = time.time()
+    if rank == 0 and step == 0 and cfg.eval_every and s.held_out:
+        rec = {"step": 0, "version": trainer.version, "time": time.time(), "elapsed_s": 0.0}
+        rec.update(evaluate(trainer, tokenizer, s))
+        metrics_f.write(json.dumps(rec) + "\n")
+        metrics_f.flush()
+        log.info("step 0 held-out greedy accuracy %.3f", rec["eval/acc"])
+    try:
+        while step < cfg.total_steps and not stop.is_set():
+            t_wait = time.perf_counter()
+            groups = None
+            if rank == 0:
+                assert intake is not None
+                groups = intake.take(cfg.prompts_per_step, trainer.version, s.max_staleness,
+                                     on_wait=heartbeat, stop=stop)
+            wait_s = time.perf_counter() - t_wait
+            box = [groups]
+            if world > 1:
+                dist.broadcast_object_list(box, src=0)
+            groups = box[0]
+            if groups is None:  # stopping
+                break
+            stats = trainer.step(shard(groups, rank, world) if world > 1 else groups)
+            step += 1
+            stats["time/wait_batch"] = wait_s
+            if rank == 0:
+                assert intake is not None and publisher is not None
+                intake.counters["consumed_samples"] += sum(g.n for g in groups)
+                t_pub = time.perf_counter()
+                if trainer.version % cfg.publish_every == 0 and not stats.get("skipped_step"):
+                    publisher.publish(trainer.version, trainer.named_weights(),
+                                      chunk_bytes=int(cfg.weight_chunk_mib * (1 << 20)))
+                stats["time/publish"] = time.perf_counter() - t_pub
+                heartbeat()
+                extra: dict = {"elapsed_s": time.time() - t_start}
+                if cfg.eval_every and step % cfg.eval_every == 0 and s.held_out:
+                    extra.update(evaluate(trainer, tokenizer, s))
+                rec = metrics_line(step, trainer.version, groups, stats, intake.counters, extra)
+                metrics_f.write(json.dumps(rec) + "\n")
+                metrics_f.flush()
+                log.info("step %d v%d reward %.3f zero-signal %.2f loss-tokens %d %s", step,
+                         trainer.version, rec["reward/mean"], rec["zero_signal_frac"],
+                         int(stats.get("train_tokens", 0)),
+                         f"acc {extra['eval/acc']:.3f}" if "eval/acc" in extra else "")
+            if step % cfg.checkpoint_every == 0:
+                checkpoint(trainer, step, intake, s)
+        if step and (state is None or step != int(state["step"])):
+            checkpoint(trainer, step, intake, s)  # final (also on SIGTERM)
+    finally:
+        if rank == 0:
+            assert intake is not None and publisher is not None
+            intake.close()
+            publisher.close()
+            if metrics_f:
+                metrics_f.close()
+            for sock in (alloc, publisher.sock):
+                sock.close(linger=0)
+            if s.keys is not None:
+                auth.stop()
+            ctx.term()
+        dist.destroy_process_group()
+    return 0
+
+
+def evaluate(trainer: Trainer, tokenizer, s: LearnerSetup) -> dict[str, float]:
+    from learner.evaluate import greedy_accuracy
+
+    t = time.perf_counter()
+    res = greedy_accuracy(trainer.engine.module, tokenizer, s.held_out, s.verifier,
+                          max_new_tokens=s.max_tokens)
+    res["time/eval"] = time.perf_counter() - t
+    return res
+
+
+def checkpoint(trainer: Trainer, step: int, intake, s: LearnerSetup) -> None:
+    counters = dict(intake.counters) if intake is not None else {}
+    state = {"step": step, "version": trainer.version, "counters": counters,
+             "seen": sorted(intake.seen) if intake is not None else []}
+    t = time.perf_counter()
+    trainer.save(s.run_dir / "checkpoints", f"step{step:07d}", state, s.model_path,
+                 extra_files=[s.run_dir / "allocator_state.pkl"])
+    log.info("checkpoint step %d written in %.2fs", step, time.perf_counter() - t)
+
