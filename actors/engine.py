@@ -94,8 +94,21 @@ class Engine:
         """Swap weights in place between steps and stamp `version` on every later token."""
         worker = self.engine.model_executor.driver_worker.worker
         worker.reload_weights(weights_iterator=iter(tensors))
+        self._refresh_tied_lm_head(worker.model_runner.model)
         self.llm.reset_prefix_cache()
         self.version = version
+
+    @staticmethod
+    def _refresh_tied_lm_head(model) -> None:
+        """A tied LM head receives no tensor of its own in a reload, so vLLM puts its old
+        kernel-format weights back (on CPU a pre-packed GEMM of the *old* embedding). Re-run
+        its post-load processing so the logits use the new embedding."""
+        head = getattr(model, "lm_head", None)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if head is None or embed is None or getattr(head, "weight", None) is None:
+            return
+        if head.weight.data_ptr() == embed.weight.data_ptr():
+            head.quant_method.process_weights_after_loading(head)
 
     def abort(self, request_ids: list[str]) -> None:
         self.engine.abort_request(request_ids)

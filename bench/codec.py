@@ -3,10 +3,11 @@ versus raw pyzmq moving the very same frames (same count, same sizes, copy=False
 
 Sender and receiver are separate processes, as actor and learner are in a run, so encoding and
 decoding cost what they cost each side. Rounds alternate between the modes (and which goes
-first) so drift in machine load hits both alike; the first two rounds are warm-up. Prints a
-table, then one JSON line; `ratio` = ours / raw messages per second (target >= 0.8).
+first) so drift in machine load hits both alike; the first two rounds are warm-up, and rates
+are medians over rounds (robust to bursts of other load). Prints a table, then one JSON line;
+`ratio` = ours / raw messages per second (target >= 0.8).
 
-    python bench/codec.py [--samples 16 --tokens 1024 --rounds 12 --per-round 400]
+    python bench/codec.py [--samples 16 --tokens 1024 --rounds 16 --per-round 400]
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=1024)
-    ap.add_argument("--rounds", type=int, default=12, help="per mode, warm-up included")
+    ap.add_argument("--rounds", type=int, default=16, help="per mode, warm-up included")
     ap.add_argument("--per-round", type=int, default=400)
     args = ap.parse_args()
 
@@ -113,17 +114,17 @@ def main() -> None:
             proc.terminate()
         ctx.destroy(linger=0)
 
-    counted = (args.rounds - WARMUP_ROUNDS) * args.per_round
-    per_s = {mode: counted / s for mode, s in seconds.items()}
+    per_s = {mode: statistics.median(r) for mode, r in rates.items()}
     print(f"RolloutGroup {args.samples} samples x {args.tokens} tokens: {msg_bytes} bytes in "
           f"{len(frames)} frames; {args.rounds - WARMUP_ROUNDS} rounds x {args.per_round} "
           f"messages per mode, sender and receiver in separate processes")
-    print(f"{'mode':<6}{'msgs/s':>10}{'MB/s':>10}{'round min':>12}{'round med':>12}"
-          f"{'round max':>12}")
+    print(f"{'mode':<6}{'msgs/s':>10}{'MB/s':>10}{'round min':>12}{'round max':>12}"
+          f"{'overall':>12}")
     for mode in ("ours", "raw"):
         r = rates[mode]
+        overall = len(r) * args.per_round / seconds[mode]
         print(f"{mode:<6}{per_s[mode]:>10.0f}{per_s[mode] * msg_bytes / 1e6:>10.0f}"
-              f"{min(r):>12.0f}{statistics.median(r):>12.0f}{max(r):>12.0f}")
+              f"{min(r):>12.0f}{max(r):>12.0f}{overall:>12.0f}")
     print(json.dumps({
         "bench": "codec", "msg_bytes": msg_bytes,
         "ours_msgs_per_s": round(per_s["ours"], 1), "raw_msgs_per_s": round(per_s["raw"], 1),

@@ -55,8 +55,8 @@ class CurveKeys:
     """Z85 CURVE keys of one run; secrets are None where this process does not hold them."""
 
     server_public: bytes
-    client_public: bytes | None = None
     server_secret: bytes | None = None
+    client_public: bytes | None = None
     client_secret: bytes | None = None
 
     @classmethod
@@ -67,7 +67,7 @@ class CurveKeys:
         client_public = client_secret = None
         if client is not None:
             client_public, client_secret = _load_pair(Path(key_dir), client)
-        return cls(server_public, client_public, server_secret, client_secret)
+        return cls(server_public, server_secret, client_public, client_secret)
 
 
 def _load_pair(key_dir: Path, name: str) -> tuple[bytes, bytes | None]:
@@ -88,7 +88,7 @@ def generate_keys(key_dir: str | os.PathLike[str], names: Iterable[str]) -> dict
     d = Path(key_dir)
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     d.chmod(0o700)
-    written = {}
+    written: dict[str, Path] = {}
     for name in names:
         public, secret = zmq.curve_keypair()
         pub_text = _CERT.format(kind="Public", public=public.decode())
@@ -131,8 +131,8 @@ def start_authenticator(ctx: zmq.Context[Any], client_keys: Iterable[bytes]) -> 
         auth = AsyncioAuthenticator(ctx)
     else:
         auth = ThreadAuthenticator(ctx)
-    auth.start()
     auth.configure_curve_callback("*", credentials_provider=_AllowList(client_keys))
+    auth.start()
     return auth
 
 
