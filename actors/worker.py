@@ -162,8 +162,9 @@ class Actor:
         opts = SocketOptions(max_message_bytes=self.max_message_bytes, linger_ms=2000)
         alloc = open_socket(ctx, zmq.DEALER, self.endpoints.allocator, bind=False,
                             keys=self.keys, options=opts)
-        push = open_socket(ctx, zmq.PUSH, self.endpoints.rollouts, bind=False, keys=self.keys,
-                           options=SocketOptions(sndhwm=64, max_message_bytes=self.max_message_bytes))
+        push = open_socket(
+            ctx, zmq.PUSH, self.endpoints.rollouts, bind=False, keys=self.keys,
+            options=SocketOptions(sndhwm=64, max_message_bytes=self.max_message_bytes))
         wsock = open_socket(ctx, zmq.DEALER, self.endpoints.weights, bind=False,
                             keys=self.keys, options=opts)
         receiver = WeightReceiver(self.actor_id, version=self.engine.version)
@@ -180,9 +181,9 @@ class Actor:
             while not self.stop.is_set():
                 now = time.monotonic()
                 if now >= next_beat:
-                    to_alloc.append(Heartbeat(sender=self.actor_id, role="actor", sent_at=time.time(),
-                                              policy_version=receiver.version,
-                                              in_flight=sorted(self.held_ids)))
+                    to_alloc.append(Heartbeat(
+                        sender=self.actor_id, role="actor", sent_at=time.time(),
+                        policy_version=receiver.version, in_flight=sorted(self.held_ids)))
                     self._try_send(wsock, receiver.hello())  # (re)subscribes after restarts
                     next_beat = now + self.cfg.heartbeat_s
                 # Ask ahead: keep `prefetch_grants` in hand, one request in flight at a time

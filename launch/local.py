@@ -109,7 +109,8 @@ class Progress:
 
     def _print(self, r: dict) -> None:
         step = r["step"]
-        acc = f" held-out acc {r['eval/acc']:.3f}" if "eval/acc" in r else ""
+        acc = (f"  held-out greedy {r['eval/acc']:.3f} pass@1 {r['eval/pass1']:.3f}"
+               if "eval/acc" in r else "")
         if step == 0:
             print(f"[run] step    0{acc}", flush=True)
             return
@@ -243,6 +244,8 @@ def summary(records: list[dict], wall_s: float, run_dir: Path) -> None:
         "gen_tokens_per_s": round(gen_tokens / max(train_s, 1e-9), 1),
         "acc_before": evals[0]["eval/acc"] if evals else None,
         "acc_after": evals[-1]["eval/acc"] if evals else None,
+        "pass1_before": evals[0]["eval/pass1"] if evals else None,
+        "pass1_after": evals[-1]["eval/pass1"] if evals else None,
         "reward_first": steps[0]["reward/mean"], "reward_last": steps[-1]["reward/mean"],
     }
     (run_dir / "summary.json").write_text(json.dumps(out, indent=1))

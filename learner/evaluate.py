@@ -1,7 +1,9 @@
-"""Held-out evaluation inside the learner: greedy decoding with the training weights.
+"""Held-out evaluation inside the learner, with the training weights.
 
-Cheap for small models (KV-cache batched `generate`); real models are evaluated with vLLM by
-`dynamo-rl eval` instead (set `learner.eval_every = 0`).
+Reports greedy accuracy and sampled pass@1 (mean reward of k samples per problem at the
+training temperature), overall and per difficulty bucket. Cheap for small models (batched
+KV-cache `generate`); real models are evaluated with vLLM by `dynamo-rl eval` instead (set
+`learner.eval_every = 0`).
 """
 
 from __future__ import annotations
@@ -15,15 +17,13 @@ from tasks.verifiers import Verifier
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer, problems: list[Problem], verifier_name: str, *,
-                    max_new_tokens: int, batch_size: int = 256) -> dict[str, float]:
-    """Greedy accuracy overall and per difficulty bucket (`eval/acc`, `eval/acc_<bucket>`)."""
+def _scores(model, tokenizer, problems: list[Problem], verifier_name: str, *, sample: bool,
+            k: int, temperature: float, max_new_tokens: int, batch_size: int
+            ) -> dict[str, list[float]]:
     verifier = Verifier()
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
-    correct: dict[str, list[float]] = defaultdict(list)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: dict[str, list[float]] = defaultdict(list)
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
         ids = [tokenizer.encode(p.prompt, add_special_tokens=False) for p in chunk]
@@ -33,17 +33,42 @@ def greedy_accuracy(model, tokenizer, problems: list[Problem], verifier_name: st
         for r, seq in enumerate(ids):  # left padding for generation
             inp[r, width - len(seq):] = torch.tensor(seq)
             att[r, width - len(seq):] = 1
-        out = model.generate(input_ids=inp.to(device), attention_mask=att.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for p, row in zip(chunk, out[:, width:].tolist(), strict=True):
-            text = tokenizer.decode(row, skip_special_tokens=True)
-            score = verifier.score(verifier_name, text, p.answer)
-            correct["all"].append(score)
+        kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                  num_return_sequences=k) if sample else dict(do_sample=False)
+        gen = model.generate(input_ids=inp.to(device), attention_mask=att.to(device),
+                             max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             eos_token_id=tokenizer.eos_token_id, **kw)
+        rows = gen[:, width:].tolist()
+        reps = k if sample else 1
+        for j, p in enumerate(chunk):
+            s = [verifier.score(verifier_name, tokenizer.decode(rows[j * reps + r],
+                                                                skip_special_tokens=True),
+                                p.answer) for r in range(reps)]
+            score = sum(s) / reps
+            out["all"].append(score)
             if p.difficulty:
-                correct[p.difficulty].append(score)
+                out[p.difficulty].append(score)
+    return out
+
+
+def evaluate_held_out(model, tokenizer, problems: list[Problem], verifier_name: str, *,
+                      max_new_tokens: int, temperature: float, k: int = 4,
+                      batch_size: int = 256, seed: int = 1234) -> dict[str, float]:
+    """`eval/acc[_bucket]` (greedy) and `eval/pass1[_bucket]` (k samples at temperature)."""
+    was_training = model.training
+    model.eval()
+    res: dict[str, float] = {}
+    greedy = _scores(model, tokenizer, problems, verifier_name, sample=False, k=1,
+                     temperature=1.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)  # the same sampling noise at every evaluation
+    sampled = _scores(model, tokenizer, problems, verifier_name, sample=True, k=k,
+                      temperature=temperature, max_new_tokens=max_new_tokens,
+                      batch_size=max(1, batch_size // k))
+    torch.set_rng_state(state)
+    for name, table in (("acc", greedy), ("pass1", sampled)):
+        for bucket, v in sorted(table.items()):
+            res[f"eval/{name}" if bucket == "all" else f"eval/{name}_{bucket}"] = sum(v) / len(v)
     if was_training:
         model.train()
-    res = {f"eval/acc_{k}" if k != "all" else "eval/acc": sum(v) / len(v)
-           for k, v in sorted(correct.items())}
     return res

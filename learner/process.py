@@ -14,9 +14,9 @@ from pathlib import Path
 import torch.distributed as dist
 import zmq
 
+from learner.batch import shard
 from learner.config import LearnerConfig
 from learner.objective import PRESETS, ObjectiveConfig
-from learner.batch import shard
 from learner.trainer import Trainer, init_distributed, metrics_line, send_progress
 from protocol.sockets import CurveKeys, SocketOptions, open_socket
 from tasks.problems import Problem
@@ -108,7 +108,8 @@ def run_learner(s: LearnerSetup) -> int:
         rec.update(evaluate(trainer, tokenizer, s))
         metrics_f.write(json.dumps(rec) + "\n")
         metrics_f.flush()
-        log.info("step 0 held-out greedy accuracy %.3f", rec["eval/acc"])
+        log.info("step 0 held-out greedy accuracy %.3f, pass@1 %.3f", rec["eval/acc"],
+                 rec["eval/pass1"])
     try:
         while step < cfg.total_steps and not stop.is_set():
             t_wait = time.perf_counter()
@@ -167,11 +168,11 @@ def run_learner(s: LearnerSetup) -> int:
 
 
 def evaluate(trainer: Trainer, tokenizer, s: LearnerSetup) -> dict[str, float]:
-    from learner.evaluate import greedy_accuracy
+    from learner.evaluate import evaluate_held_out
 
     t = time.perf_counter()
-    res = greedy_accuracy(trainer.engine.module, tokenizer, s.held_out, s.verifier,
-                          max_new_tokens=s.max_tokens)
+    res = evaluate_held_out(trainer.engine.module, tokenizer, s.held_out, s.verifier,
+                            max_new_tokens=s.max_tokens, temperature=s.temperature)
     res["time/eval"] = time.perf_counter() - t
     return res
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from learner.batch import Batch, build_batch, micro_batches, shard
+from learner.batch import Batch, build_batch, micro_batches
 from learner.config import LearnerConfig
 from learner.objective import (
     ObjectiveConfig,
@@ -151,6 +151,16 @@ class Trainer:
                 logp_old = batch.logp_behaviour
             else:
                 logp_old = self.recompute_logprobs(batch)
+                # Health check of the whole pipeline: tokens sampled with exactly the weights
+                # we hold must have μ == πold up to numerics.
+                # Only samples generated wholly with these weights: a sample that straddles a
+                # weight swap keeps KV computed by the old weights in its context.
+                whole = (batch.versions == self.version) | ~batch.mask
+                cur = batch.mask & whole.all(dim=1, keepdim=True)
+                if cur.any():
+                    d = (logp_old - batch.logp_behaviour).abs()[cur]
+                    stats["mismatch/current_version_max_abs"] = float(d.max())
+                    stats["mismatch/current_version_tokens"] = float(cur.sum())
             adv, _ = group_advantages(batch.rewards, batch.group_ids)
             slices = micro_batches(batch.mask.shape[0], self.cfg.micro_batch_seqs)
         else:
@@ -178,6 +188,7 @@ class Trainer:
             for k, v in s.items():
                 agg.setdefault(k, []).extend([float(v), weight])
         t3 = time.perf_counter()
+        grad_norm = self._grad_norm()
         self.engine.step()
         self.version += 1
         t4 = time.perf_counter()
@@ -185,15 +196,44 @@ class Trainer:
             v, wts = np.array(vals[0::2]), np.array(vals[1::2])
             stats[k] = float((v * wts).sum() / max(wts.sum(), 1.0)) if "max" not in k and \
                 "min" not in k else float(v.max() if "max" in k else v.min())
-        norm = self.engine.get_global_grad_norm()
+        if self.world > 1:
+            stats["dp/weights_identical"] = float(self.ranks_agree())
         stats.update({
-            "grad_norm": float(norm) if norm is not None else float("nan"),
+            "grad_norm": grad_norm,
             "lr": float(self.scheduler.get_last_lr()[0]),
             "train_tokens": n_global_f,
             "time/prepare": t1 - t0, "time/recompute": t2 - t1, "time/fwd_bwd": t3 - t2,
             "time/optimizer": t4 - t3,
         })
         return stats
+
+    @torch.no_grad()
+    def _grad_norm(self) -> float:
+        """Global L2 norm of the accumulated gradient, before clipping."""
+        if self.cfg.zero_stage >= 2:  # gradients live in the ZeRO partitions
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                sq += p.grad.detach().double().pow(2).sum()
+        if self.world > 1:  # every rank's grad is already the all-reduced mean at stage 0/1?
+            pass
+        return float(sq.sqrt())
+
+    @torch.no_grad()
+    def ranks_agree(self) -> bool:
+        """Whether every data-parallel rank holds bit-identical weights (stage 0-2)."""
+        if self.cfg.zero_stage == 3:
+            return True  # partitioned by design; the gathered copy is what is published
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in self.engine.module.parameters():
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digests: list[str | None] = [None] * self.world
+        dist.all_gather_object(digests, h.hexdigest())
+        return len(set(digests)) == 1
 
     def named_weights(self):
         """(HF name, tensor) of every parameter, gathered under ZeRO-3."""
@@ -267,6 +307,8 @@ def metrics_line(step: int, version: int, groups: list[RolloutGroup], stats: dic
         "staleness/max": int(staleness.max()) if staleness.size else 0,
         "dropped/stale": counters.get("dropped_stale", 0),
         "dropped/duplicate": counters.get("dropped_duplicate", 0),
+        "rejected": {k.removeprefix("rejected_"): v for k, v in counters.items()
+                     if k.startswith("rejected_")},
     }
     rec.update({k: v for k, v in stats.items() if k != "zero_signal_groups"})
     rec.update(extra)

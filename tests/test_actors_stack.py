@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 import zmq
-
 from conftest import Proc, make_config, wait_for
+
 from launch.config import load_config
 from protocol.messages import LearnerProgress, RolloutGroup
 from protocol.sockets import SocketOptions, open_socket, recv, send
