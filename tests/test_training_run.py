@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-
 from conftest import REPO, make_config, wait_for
+
 from launch.config import load_config
 from protocol.codec import encode
 from protocol.messages import RolloutGroup
