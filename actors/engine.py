@@ -1,12 +1,18 @@
 """A vLLM engine driven step by step, with per-token behaviour log-probs and versions.
 
 Guarantees:
-- Each sample is its own request (n = 1), so a grant's samples can be interleaved with other
-  grants' in the engine's continuous batch; prompt prefixes are shared by prefix caching.
+- One engine request per grant, with n samples (vLLM fans them out and shares the prompt's
+  prefill); grants enter the engine's continuous batch as soon as they are added, and a group
+  is returned once all its n samples finished (groups are atomic).
 - Every generated token is reported with the log-prob of the distribution it was sampled
   from (vLLM `processed_logprobs`: after temperature / top-p) and the policy version of the
   weights that produced it. Weights are swapped between engine steps, in place (no engine
-  restart), and the prefix cache is reset with them so no KV from old weights is reused.
+  restart), and the prefix cache is reset with them so no cached KV from old weights is
+  reused by new requests. Samples in flight keep their KV (PipelineRL-style in-flight
+  update): their later tokens carry the new version, and the learner's importance weights
+  correct for the mixed context.
+- Outputs are only materialised when a group finishes (FINAL_ONLY): the per-token versions
+  come from the token counts recorded at each weight swap, not from per-step outputs.
 """
 
 from __future__ import annotations
@@ -31,8 +37,14 @@ class Sample:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
-    finished: bool = False
     truncated: bool = False
+
+
+@dataclass(slots=True)
+class _Pending:
+    n: int
+    version: int  # weights at admission: the prefill and first tokens use them
+    swaps: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # index -> (count, v)
 
 
 class Engine:
@@ -55,43 +67,58 @@ class Engine:
                        logprobs_mode="processed_logprobs", enable_prefix_caching=True, dtype=dtype,
                        **kwargs)
         self.engine = self.llm.llm_engine
-        self.params = SamplingParams(n=1, temperature=temperature, top_p=top_p,
-                                     max_tokens=max_tokens, logprobs=0,
-                                     output_kind=RequestOutputKind.DELTA)
+        self._params = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                            logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY)
+        self._sampling = SamplingParams
         self.max_tokens = max_tokens
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
-        self.samples: dict[str, Sample] = {}
+        self.pending: dict[str, _Pending] = {}
 
-    def add(self, request_id: str, prompt_token_ids: list[int]) -> None:
-        self.samples[request_id] = Sample()
-        self.engine.add_request(request_id, {"prompt_token_ids": prompt_token_ids}, self.params)
+    def add(self, request_id: str, prompt_token_ids: list[int], n: int) -> None:
+        """Queue n samples of one prompt; they come back together from `step`."""
+        self.pending[request_id] = _Pending(n=n, version=self.version)
+        self.engine.add_request(request_id, {"prompt_token_ids": prompt_token_ids},
+                                self._sampling(n=n, **self._params))
 
     def busy(self) -> bool:
         return self.engine.has_unfinished_requests()
 
-    def step(self) -> list[tuple[str, Sample]]:
-        """One engine step; returns the samples that finished in it."""
+    def step(self) -> list[tuple[str, list[Sample]]]:
+        """One engine step; returns the groups whose n samples all finished in it."""
         done = []
         for out in self.engine.step():
-            s = self.samples.get(out.request_id)
-            if s is None:
+            if not out.finished:
                 continue
-            for c in out.outputs:
-                s.tokens.extend(c.token_ids)
+            p = self.pending.pop(out.request_id, None)
+            if p is None:
+                continue
+            samples = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                toks = list(c.token_ids)
                 # logprobs=0 returns exactly the sampled token's log-prob at each position
-                for tok, lp in zip(c.token_ids, c.logprobs or [], strict=True):
-                    s.logprobs.append(lp[tok].logprob)
-                s.versions.extend([self.version] * len(c.token_ids))
-                if out.finished:
-                    s.truncated = c.finish_reason == "length"
-            if out.finished:
-                s.finished = True
-                done.append((out.request_id, self.samples.pop(out.request_id)))
+                lps = [lp[t].logprob for t, lp in zip(toks, c.logprobs or [], strict=True)]
+                versions = [p.version] * len(toks)
+                for count, v in p.swaps.get(c.index, ()):
+                    versions[count:] = [v] * max(0, len(toks) - count)
+                samples.append(Sample(toks, lps, versions, c.finish_reason == "length"))
+            done.append((out.request_id, samples))
         return done
+
+    def _record_swap(self, version: int) -> None:
+        """Before new weights: how many tokens each in-flight sample has generated so far."""
+        for state in self.engine.output_processor.request_states.values():
+            rid = state.parent_req.external_req_id if state.parent_req else state.external_req_id
+            p = self.pending.get(rid)
+            if p is None:
+                continue
+            lp = state.logprobs_processor
+            count = len(lp.logprobs) if lp is not None and lp.logprobs is not None else 0
+            p.swaps.setdefault(state.request_index, []).append((count, version))
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Swap weights in place between steps and stamp `version` on every later token."""
+        self._record_swap(version)
         worker = self.engine.model_executor.driver_worker.worker
         worker.reload_weights(weights_iterator=iter(tensors))
         self._refresh_tied_lm_head(worker.model_runner.model)
@@ -113,4 +140,4 @@ class Engine:
     def abort(self, request_ids: list[str]) -> None:
         self.engine.abort_request(request_ids)
         for r in request_ids:
-            self.samples.pop(r, None)
+            self.pending.pop(r, None)

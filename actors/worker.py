@@ -19,6 +19,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -27,6 +28,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,7 +61,7 @@ class _Group:
     grant: WorkGrant
     prompt_ids: list[int]
     started: float
-    samples: dict[int, Sample] = field(default_factory=dict)
+    samples: list[Sample] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -72,7 +74,7 @@ class Endpoints:
 class Actor:
     def __init__(self, cfg: ActorConfig, model_path: str, endpoints: Endpoints, *,
                  index: int = 0, keys: CurveKeys | None = None,
-                 max_message_bytes: int = 512 << 20) -> None:
+                 max_message_bytes: int = 512 << 20, metrics_path: Path | None = None) -> None:
         self.cfg = cfg
         self.index = index
         self.actor_id = f"{socket.gethostname()}-a{index}-{os.getpid()}"
@@ -96,6 +98,7 @@ class Actor:
         self.held_ids: set[int] = set()
         self.engine_busy_s = 0.0
         self.engine_idle_s = 0.0
+        self.metrics_path = metrics_path
 
     # ================================================================ engine thread
     def run(self) -> None:
@@ -122,7 +125,8 @@ class Actor:
                 t = time.perf_counter()
                 eng.load_weights(latest[1], latest[0])
                 self.counters["weight_updates"] += 1
-                log.info("applied weights v%d in %.3fs", latest[0], time.perf_counter() - t)
+                log.info("applied weights v%d in %.3fs at %.6f", latest[0],
+                         time.perf_counter() - t, time.time())
             while True:
                 try:
                     waiting.append(self.grants.get_nowait())
@@ -136,17 +140,13 @@ class Actor:
                 key = f"{g.grant_id}.{g.lease_id}"
                 ids = self.tokenizer.encode(g.prompt, add_special_tokens=False)
                 active[key] = _Group(g, ids, time.perf_counter())
-                for j in range(g.n):
-                    eng.add(f"{key}.{j}", ids)
+                eng.add(key, ids, g.n)
             if eng.busy():
                 t = time.perf_counter()
-                for rid, sample in eng.step():
-                    key, _, j = rid.rpartition(".")
-                    grp = active[key]
-                    grp.samples[int(j)] = sample
-                    if len(grp.samples) == grp.grant.n:
-                        del active[key]
-                        self.finished.put((grp, time.perf_counter() - grp.started))
+                for key, samples in eng.step():
+                    grp = active.pop(key)
+                    grp.samples = samples
+                    self.finished.put((grp, time.perf_counter() - grp.started))
                 self.engine_busy_s += time.perf_counter() - t
             else:
                 t = time.perf_counter()
@@ -177,6 +177,8 @@ class Actor:
         request_sent_at = -1e9
         retry_at = 0.0
         next_beat = 0.0
+        next_metrics = time.monotonic() + 2.0
+        metrics_f = self.metrics_path.open("a") if self.metrics_path else None
         try:
             while not self.stop.is_set():
                 now = time.monotonic()
@@ -186,6 +188,10 @@ class Actor:
                         policy_version=receiver.version, in_flight=sorted(self.held_ids)))
                     self._try_send(wsock, receiver.hello())  # (re)subscribes after restarts
                     next_beat = now + self.cfg.heartbeat_s
+                if metrics_f is not None and now >= next_metrics:
+                    metrics_f.write(json.dumps(self._metrics(len(to_learner), verifier)) + "\n")
+                    metrics_f.flush()
+                    next_metrics = now + 2.0
                 # Ask ahead: keep `prefetch_grants` in hand, one request in flight at a time
                 # (re-sent if unanswered: the allocator may have restarted).
                 want = self.cfg.prefetch_grants - self.held
@@ -235,14 +241,25 @@ class Actor:
                 while to_learner and self._try_send(push, to_learner[0]):
                     g = to_learner.popleft()
                     self.counters["groups_sent"] += 1
+                    self.counters["samples_sent"] += g.n
                     self.counters["tokens_sent"] += g.num_tokens
                 while to_alloc and self._try_send(alloc, to_alloc[0]):
                     to_alloc.popleft()
         finally:
-            self.counters.update({f"verifier_{k}": v for k, v in verifier.counters.items()})
+            if metrics_f is not None:
+                metrics_f.write(json.dumps(self._metrics(len(to_learner), verifier)) + "\n")
+                metrics_f.close()
             for s in (alloc, push, wsock):
                 s.close()
             ctx.term()
+
+    def _metrics(self, outbox: int, verifier: Verifier) -> dict[str, Any]:
+        """Cumulative counters of this actor (one JSON line every 2 s)."""
+        return {"time": time.time(), "actor": self.actor_id, "index": self.index,
+                "version": self.engine.version, "engine_busy_s": round(self.engine_busy_s, 4),
+                "engine_idle_s": round(self.engine_idle_s, 4), "held_grants": self.held,
+                "outbox": outbox, **self.counters,
+                **{f"verifier_{k}": v for k, v in verifier.counters.items()}}
 
     def _try_send(self, sock: zmq.Socket, msg: Message) -> bool:
         try:
@@ -254,7 +271,7 @@ class Actor:
     def _score(self, grp: _Group, gen_s: float, verifier: Verifier
                ) -> tuple[RolloutGroup, StatsReport]:
         g = grp.grant
-        samples = [grp.samples[j] for j in range(g.n)]
+        samples = grp.samples
         rewards = np.array([
             verifier.score(g.verifier, self.tokenizer.decode(s.tokens, skip_special_tokens=True),
                            g.answer) for s in samples], dtype=np.float32)

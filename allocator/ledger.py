@@ -135,11 +135,12 @@ class Ledger:
                              f"{self.window} (learner version {self.learner_version})")
 
     def report(self, r: StatsReport) -> str:
-        """Apply a stats report once; returns 'accepted', 'late', 'duplicate' or 'unknown'."""
+        """Apply a stats report once; returns 'accepted', 'late', 'duplicate', 'mismatch' or
+        'unknown'."""
         g = self.grants.get(r.grant_id)
         if g is None:
             status = "duplicate" if r.grant_id < self.next_grant_id else "unknown"
-        elif r.lease_id != g.lease_id:
+        elif r.lease_id != g.lease_id or not g.actor_id:  # no actor_id: expired, re-queued
             status = "late"
         elif self.problems[g.problem].id != r.problem_id or r.n != g.n:
             status = "mismatch"

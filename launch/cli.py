@@ -80,7 +80,7 @@ def cmd_allocator(cfg: RunConfig, args: argparse.Namespace) -> int:
     service = AllocatorService(
         problems, cfg.allocator, rule=cfg.budget_rule, verifier=cfg.task.verifier_name,
         prompts_per_step=cfg.learner.prompts_per_step, max_staleness=cfg.max_staleness,
-        endpoint=f"tcp://{net.host}:{net.allocator_port}", run_dir=cfg.run_dir, keys=keys,
+        endpoint=net.bind(net.allocator_port), run_dir=cfg.run_dir, keys=keys,
         client_keys=clients)
     run_allocator(service)
     return 0
@@ -95,11 +95,11 @@ def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
     path = model_path(cfg, progress=False)
     keys, _ = run_keys(cfg, "actor")
     net = cfg.network
-    ep = Endpoints(allocator=f"tcp://{net.host}:{net.allocator_port}",
-                   rollouts=f"tcp://{net.host}:{net.rollout_port}",
-                   weights=f"tcp://{net.host}:{net.weights_port}")
+    ep = Endpoints(allocator=net.allocator, rollouts=net.rollouts, weights=net.weights)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
     actor = Actor(cfg.actor, path, ep, index=args.index, keys=keys,
-                  max_message_bytes=net.max_message_mib << 20)
+                  max_message_bytes=net.max_message_mib << 20,
+                  metrics_path=cfg.run_dir / f"metrics_actor{args.index}.jsonl")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: actor.stop.set())
     actor.run()
@@ -119,9 +119,8 @@ def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
         cfg=cfg.learner, preset=cfg.preset, model_path=model_path(cfg, progress=False),
         run_dir=cfg.run_dir, temperature=cfg.actor.temperature, max_tokens=cfg.actor.max_tokens,
         max_staleness=cfg.max_staleness,
-        allocator=f"tcp://{net.host}:{net.allocator_port}",
-        rollouts=f"tcp://{net.host}:{net.rollout_port}",
-        weights=f"tcp://{net.host}:{net.weights_port}",
+        allocator=net.allocator, rollouts=net.bind(net.rollout_port),
+        weights=net.bind(net.weights_port),
         held_out=held_out, verifier=cfg.task.verifier_name, keys=keys, client_keys=clients,
         max_message_bytes=net.max_message_mib << 20)
     return run_learner(setup)

@@ -57,15 +57,33 @@ class NetworkConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    host: str = Field("127.0.0.1", description="address the head node binds and others reach")
+    host: str = Field("127.0.0.1", description="default address of every service (one machine)")
+    allocator_host: str | None = Field(
+        None, description="address of the allocator's node (default: host)")
+    learner_host: str | None = Field(
+        None, description="address of learner rank 0's node (default: host)")
+    bind_host: str | None = Field(
+        None, description="address services bind (default: host; 0.0.0.0 across nodes)")
     allocator_port: int = Field(5710, ge=1, le=65535, description="allocator ROUTER port")
     rollout_port: int = Field(5711, ge=1, le=65535, description="learner rollout PULL port")
     weights_port: int = Field(5712, ge=1, le=65535, description="learner weights ROUTER port")
     curve: bool = Field(True, description="authenticate and encrypt with CURVE (run's keys)")
     max_message_mib: int = Field(512, ge=1, description="largest accepted message")
 
-    def endpoint(self, port: int, bind: bool = False) -> str:
-        return f"tcp://{'*' if bind and self.host == '0.0.0.0' else self.host}:{port}"
+    def bind(self, port: int) -> str:
+        return f"tcp://{self.bind_host or self.host}:{port}"
+
+    @property
+    def allocator(self) -> str:
+        return f"tcp://{self.allocator_host or self.host}:{self.allocator_port}"
+
+    @property
+    def rollouts(self) -> str:
+        return f"tcp://{self.learner_host or self.host}:{self.rollout_port}"
+
+    @property
+    def weights(self) -> str:
+        return f"tcp://{self.learner_host or self.host}:{self.weights_port}"
 
 
 class RunConfig(BaseModel):
@@ -196,4 +214,14 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + "".join(_toml_char(c) for c in str(v)) + '"'
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _toml_char(c: str) -> str:
+    # TOML basic strings forbid raw control characters (a newline in a path, say).
+    if c in _TOML_ESCAPES:
+        return _TOML_ESCAPES[c]
+    return f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c

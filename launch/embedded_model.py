@@ -41,15 +41,26 @@ def build_tokenizer():
                                    bos_token="<bos>", unk_token="<pad>")
 
 
-def build_model(seed: int):
+def build_model(seed: int, **arch):
+    """A randomly initialised Qwen2 over the task vocabulary (ARCH unless overridden)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(vocab_size=len(VOCAB), tie_word_embeddings=True, bos_token_id=BOS,
                       eos_token_id=EOS, pad_token_id=PAD, rope_theta=10000.0,
-                      torch_dtype="float32", **ARCH)
+                      torch_dtype="float32", **{**ARCH, **arch})
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(cfg)
+
+
+def build_sized_model(out: str | Path, seed: int = 0, **arch) -> Path:
+    """An untrained model of a chosen size (benchmarks of weight sync and training speed)."""
+    out = Path(out)
+    if not (out / "config.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        build_model(seed, **arch).save_pretrained(out, safe_serialization=True)
+        build_tokenizer().save_pretrained(out)
+    return out
 
 
 def encode(text: str) -> list[int]:

@@ -113,7 +113,8 @@ _MISSING = object()
 def _field(row: dict, name: str, path: Path, index: int, default: object = _MISSING) -> object:
     node: object = row
     for part in name.split("."):
-        if not isinstance(node, dict) or part not in node:
+        # A null counts as missing: parquet stores a field absent from some rows as null.
+        if not isinstance(node, dict) or node.get(part) is None:
             if default is not _MISSING:
                 return default
             raise ValueError(f"{path}: row {index} has no field {name!r} "

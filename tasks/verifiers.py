@@ -48,10 +48,11 @@ def check_math(completion: str, answer: str) -> bool:
     boxed = extract_boxed(completion)
     if boxed is None:
         return False
-    gold = parse(f"${answer}$" if "$" not in answer and "\\boxed" not in answer else answer)
-    pred = parse(f"\\boxed{{{boxed}}}")
-    # math-verify's own signal-based timeout only works in the main thread; we time out
-    # from outside instead (see Verifier).
+    # math-verify's own signal-based timeouts only work in the main thread (parse raises
+    # anywhere else); Verifier runs this in a thread and times out from outside instead.
+    gold = parse(f"${answer}$" if "$" not in answer and "\\boxed" not in answer else answer,
+                 parsing_timeout=None)  # type: ignore[arg-type]
+    pred = parse(f"\\boxed{{{boxed}}}", parsing_timeout=None)  # type: ignore[arg-type]
     return bool(verify(gold, pred, timeout_seconds=None))
 
 

@@ -1,0 +1,176 @@
+"""Weight sync: learner step end -> every actor generating with the new version.
+
+In one run, for the tiny embedded model and a ~100M-parameter Qwen2 built from a config:
+- sync: this process publishes versioned weights (the learner's `WeightPublisher`, chunked,
+  credit-based) to real actor processes that are busy generating (real allocator, this
+  process also drains their rollouts). Latency = the last actor's "applied weights vN at T"
+  (it generates with vN from its next engine step) minus the publish call's start time.
+- bound: raw pyzmq moving the same bytes (one copy per actor, same chunk size) from one
+  sender to as many receiver processes over loopback TCP.
+Final line: JSON with both per model and their ratio (target <= 2).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(_ROOT), str(_ROOT / "tests")] + [
+    p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
+
+import torch  # noqa: E402
+import zmq  # noqa: E402
+from conftest import Proc, make_config, wait_for  # noqa: E402
+
+from launch.config import load_config  # noqa: E402
+from launch.embedded_model import build_sized_model, ensure_embedded_model  # noqa: E402
+from protocol.messages import LearnerProgress  # noqa: E402
+from protocol.sockets import SocketOptions, open_socket, recv, send  # noqa: E402
+from protocol.weights import WeightPublisher  # noqa: E402
+
+APPLIED = re.compile(r"applied weights v(\d+) in [0-9.]+s at ([0-9.]+)")
+
+
+def _sink(port: int, total: int, ready, done) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PULL)
+    s.setsockopt(zmq.RCVHWM, 64)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    ready.set()
+    got = 0
+    while got < total:
+        got += len(s.recv(copy=False).buffer)
+    done.put(time.perf_counter())
+    s.close()
+    ctx.term()
+
+
+def raw_bound(nbytes: int, chunk: int, receivers: int, repeats: int = 3) -> float:
+    """Seconds for raw pyzmq to deliver `nbytes` to each of `receivers` processes."""
+    times = []
+    payload = memoryview(bytearray(nbytes))
+    for _ in range(repeats):
+        ctx = zmq.Context()
+        socks, procs, q = [], [], mp.Queue()
+        for _ in range(receivers):
+            s = ctx.socket(zmq.PUSH)
+            s.setsockopt(zmq.SNDHWM, 64)
+            port = s.bind_to_random_port("tcp://127.0.0.1")
+            ev = mp.Event()
+            p = mp.Process(target=_sink, args=(port, nbytes, ev, q))
+            p.start()
+            ev.wait()
+            socks.append(s)
+            procs.append(p)
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        for off in range(0, nbytes, chunk):  # interleaved, as the publisher does
+            for s in socks:
+                s.send(payload[off:off + chunk], copy=False)
+        ends = [q.get() for _ in procs]
+        times.append(max(ends) - t0)
+        for p in procs:
+            p.join()
+        for s in socks:
+            s.close()
+        ctx.term()
+    return statistics.median(times)
+
+
+def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path
+                 ) -> tuple[list[float], int]:
+    cfg_path = make_config(tmp, model, network={"curve": False},
+                           allocator={"max_staleness": 1000},
+                           actor={"kv_cache_gib": 0.25, "max_batch_grants": 4,
+                                  "prefetch_grants": 8})
+    cfg = load_config(cfg_path)
+    net = cfg.network
+    ctx = zmq.Context()
+    pull = open_socket(ctx, zmq.PULL, f"tcp://127.0.0.1:{net.rollout_port}", bind=True)
+    wsock = open_socket(ctx, zmq.ROUTER, f"tcp://127.0.0.1:{net.weights_port}", bind=True,
+                        options=SocketOptions(sndhwm=256))
+    asock = open_socket(ctx, zmq.DEALER, f"tcp://127.0.0.1:{net.allocator_port}", bind=False)
+    pub = WeightPublisher(wsock)
+    procs = [Proc("allocator", cfg_path)] + [Proc("actor", cfg_path, "--index", str(i))
+                                             for i in range(actors)]
+    from transformers import AutoModelForCausalLM
+
+    weights = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    named = [(n, p.detach()) for n, p in weights.named_parameters()]
+    received = [0]
+
+    def drain(until: float) -> None:
+        while time.monotonic() < until:
+            if pull.poll(10):
+                recv(pull)
+                received[0] += 1
+            send(asock, LearnerProgress(version=0, consumed_groups=received[0],
+                                        consumed_samples=0, dropped_stale=0))
+
+    lat, nbytes = [], 0
+    try:
+        wait_for(lambda: (drain(time.monotonic() + 0.5), received[0] > 4 * actors)[1], 300,
+                 "actors generating")
+        drain(time.monotonic() + 2.0)  # steady state
+        for v in range(1, versions + 1):
+            t0 = time.time()
+            ann = pub.publish(v, named, chunk_bytes=chunk)
+            nbytes = ann.total_bytes
+
+            def applied(v: int = v) -> list[float] | None:
+                drain(time.monotonic() + 0.02)
+                ts = []
+                for p in procs[1:]:
+                    hits = [float(m[2]) for m in APPLIED.finditer(p.text()) if int(m[1]) == v]
+                    if not hits:
+                        return None
+                    ts.append(hits[0])
+                return ts
+
+            ts = wait_for(applied, 300, f"every actor on v{v}")
+            lat.append(max(ts) - t0)
+            drain(time.monotonic() + 0.5)
+    finally:
+        pub.close()
+        for p in procs:
+            p.stop()
+        for s in (pull, wsock, asock):
+            s.close(linger=0)
+        ctx.term()
+    return lat, nbytes
+
+
+def main() -> None:
+    actors, chunk = 2, 8 << 20
+    out = {"bench": "weights", "actors": actors, "chunk_bytes": chunk}
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        models = {
+            "tiny": ensure_embedded_model(_ROOT / ".cache/models", 600, 0, progress=False),
+            "100M": build_sized_model(_ROOT / ".cache/models/qwen2-100m", hidden_size=768,
+                                      intermediate_size=3072, num_hidden_layers=12,
+                                      num_attention_heads=12, num_key_value_heads=12,
+                                      max_position_embeddings=64),
+        }
+        for name, path in models.items():
+            lat, nbytes = sync_latency(path, actors, 3, chunk, d / name)
+            bound = raw_bound(nbytes, chunk, actors)
+            med = statistics.median(lat)
+            print(f"{name:5s} {nbytes / 1e6:8.1f} MB x {actors} actors: step end -> all "
+                  f"actors on new weights {med * 1e3:8.1f} ms (runs {[round(x * 1e3) for x in lat]}); "
+                  f"raw pyzmq bound {bound * 1e3:8.1f} ms; ratio {med / bound:5.2f}")
+            out[name] = {"bytes": nbytes, "sync_ms": round(med * 1e3, 1),
+                         "bound_ms": round(bound * 1e3, 1), "ratio": round(med / bound, 2)}
+    out["target_ratio"] = 2.0
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Allocator ledger: rounds, leases, exactly-once accounting, pacing, snapshots."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from allocator.config import AllocatorConfig
+from allocator.ledger import Ledger
+from protocol.messages import NoWork, StatsReport, WorkGrant
+from tasks.problems import Problem
+
+PROBLEMS = [Problem(id=f"p{i}", prompt=f"{i}+{i}=", answer=str(2 * i)) for i in range(20)]
+CFG = AllocatorConfig(batch_prompts=4, n_mean=8, n_min=4, n_max=16, initial_budget=4,
+                      lease_s=10)
+B, N_MEAN, LEASE = 4, 8, 10.0
+
+
+def ledger(problems: list[Problem] = PROBLEMS, cfg: AllocatorConfig = CFG, *,
+           max_staleness: int = 100, prompts_per_step: int = 4) -> Ledger:
+    return Ledger(problems, cfg, rule="variance", verifier="integer",
+                  prompts_per_step=prompts_per_step, max_staleness=max_staleness)
+
+
+def grants(led: Ledger, want: int, now: float = 0.0, actor: str = "a") -> list[WorkGrant]:
+    out = led.request(actor, want, now)
+    assert isinstance(out, list), out
+    return out
+
+
+def report_of(g: WorkGrant, k: int = 1, *, lease_id: int | None = None, n: int | None = None,
+              problem_id: str | None = None) -> StatsReport:
+    return StatsReport(grant_id=g.grant_id, lease_id=g.lease_id if lease_id is None else lease_id,
+                       problem_id=problem_id or g.problem_id, actor_id="a", k=k,
+                       n=g.n if n is None else n)
+
+
+def stats_of(led: Ledger, problem_id: str) -> tuple[float, float]:
+    i = led.index[problem_id]
+    return float(led.stats.k[i]), float(led.stats.g[i])
+
+
+def test_too_few_problems_for_a_round_is_an_error() -> None:
+    with pytest.raises(ValueError, match="batch_prompts = 4"):
+        ledger(PROBLEMS[:3])
+
+
+def test_budgets_of_a_round_sum_to_its_total() -> None:
+    led = ledger()
+    first = grants(led, B)
+    assert sum(g.n for g in first) == B * N_MEAN
+    # Later rounds, with statistics that differ per problem, keep the same total.
+    for i, g in enumerate(first):
+        assert led.report(report_of(g, k=min(i, g.n))) == "accepted"
+    for _ in range(5):
+        rnd = grants(led, B)
+        assert {led.grants[g.grant_id].round for g in rnd} == {led.round - 1}
+        assert sum(g.n for g in rnd) == B * N_MEAN
+        assert all(CFG.n_min <= g.n <= CFG.n_max for g in rnd)
+        for g in rnd:
+            led.report(report_of(g, k=g.n // 3))
+
+
+def test_report_with_current_lease_counts_exactly_once() -> None:
+    led = ledger()
+    g = grants(led, 1)[0]
+    assert led.report(report_of(g, k=3)) == "accepted"
+    assert led.report(report_of(g, k=3)) == "duplicate"
+    assert stats_of(led, g.problem_id) == (3.0, g.n)
+    assert led.completed_groups == 1
+    assert led.counters["report_duplicate"] == 1
+
+
+def test_report_for_an_expired_lease_is_late_and_changes_nothing() -> None:
+    led = ledger()
+    g = grants(led, 1)[0]
+    assert led.expire(LEASE) == 1
+    assert led.report(report_of(g, k=2)) == "late"  # expired, not yet re-issued
+    again = grants(led, 1, now=LEASE + 1, actor="b")[0]
+    assert again.grant_id == g.grant_id
+    assert led.report(report_of(g, k=2)) == "late"  # re-issued under a new lease
+    assert stats_of(led, g.problem_id) == (0.0, 0.0)
+    assert led.completed_groups == 0
+    assert led.report(report_of(again, k=2)) == "accepted"
+    assert stats_of(led, g.problem_id) == (2.0, g.n)
+
+
+def test_unknown_grant_id_is_reported_as_unknown() -> None:
+    led = ledger()
+    g = grants(led, 1)[0]
+    assert led.report(StatsReport(grant_id=999, lease_id=g.lease_id, problem_id=g.problem_id,
+                                  actor_id="a", k=0, n=g.n)) == "unknown"
+
+
+@pytest.mark.parametrize("wrong", [{"problem_id": "p19"}, {"n": 3}])
+def test_report_for_another_problem_or_size_is_a_mismatch(wrong: dict) -> None:
+    led = ledger()
+    g = next(g for g in grants(led, B) if g.problem_id != "p19")
+    assert led.report(report_of(g, k=0, **wrong)) == "mismatch"
+    assert float(led.stats.g.sum()) == 0.0
+    assert led.report(report_of(g, k=1)) == "accepted"  # the grant stays open
+
+
+def test_expired_grants_are_reissued_first_with_new_leases() -> None:
+    led = ledger()
+    old = grants(led, 3, now=0.0)
+    assert led.expire(LEASE - 1) == 0
+    assert led.expire(LEASE) == 3
+    assert led.counters["leases_expired"] == 3
+    again = grants(led, 4, now=LEASE, actor="b")
+    assert [g.grant_id for g in again[:3]] == [g.grant_id for g in old]
+    assert [g.n for g in again[:3]] == [g.n for g in old]
+    assert len({g.lease_id for g in old + again}) == 7
+    assert again[3].grant_id == old[-1].grant_id + 1  # fresh work only after the re-issues
+    assert led.issued_groups == 4  # a re-issue is not new work for pacing
+    assert led.expire(LEASE) == 0  # new deadlines
+
+
+def test_heartbeat_renews_only_the_holders_live_leases() -> None:
+    led = ledger()
+    mine = grants(led, 2, now=0.0, actor="a")
+    theirs = grants(led, 1, now=0.0, actor="b")
+    led.heartbeat("a", [g.grant_id for g in mine + theirs], now=LEASE - 1)
+    assert led.expire(LEASE) == 1  # b's grant: a cannot renew it
+    # Past its deadline a lease is not renewed, even before `expire` has run.
+    led.heartbeat("a", [g.grant_id for g in mine], now=2 * LEASE - 0.5)
+    assert led.expire(2 * LEASE - 0.5) == 2
+    led.heartbeat("a", [g.grant_id for g in mine], now=2 * LEASE)  # re-queued: no revival
+    assert {led.grants[g.grant_id].actor_id for g in mine + theirs} == {""}
+
+
+def test_pacing_holds_fresh_work_until_the_learner_consumes() -> None:
+    led = ledger(max_staleness=0, prompts_per_step=4)
+    assert len(grants(led, 3)) == 3
+    assert len(grants(led, 5)) == 1  # window of 4 groups
+    paced = led.request("a", 1, 0.0)
+    assert isinstance(paced, NoWork) and "4 groups outstanding" in paced.reason
+    led.progress(version=1, consumed_groups=4)
+    more = grants(led, 8, now=1.0)
+    assert len(more) == 4
+    assert all(g.issued_version == 1 for g in more)
+
+
+def test_pacing_still_reissues_expired_work() -> None:
+    led = ledger(max_staleness=0, prompts_per_step=4)
+    first = grants(led, 4)
+    led.expire(LEASE)
+    assert [g.grant_id for g in grants(led, 8, now=LEASE)] == [g.grant_id for g in first]
+    assert isinstance(led.request("a", 1, LEASE), NoWork)
+
+
+def test_progress_never_goes_backwards() -> None:
+    led = ledger()
+    led.progress(version=5, consumed_groups=20)
+    led.progress(version=3, consumed_groups=8)
+    assert (led.learner_version, led.consumed_groups) == (5, 20)
+
+
+@settings(max_examples=30, deadline=None)
+@given(num_problems=st.integers(4, 30), batch=st.integers(1, 4), seed=st.integers(0, 9))
+def test_each_epoch_issues_every_problem_once(num_problems: int, batch: int, seed: int) -> None:
+    cfg = AllocatorConfig(batch_prompts=batch, n_mean=8, n_min=4, n_max=16, seed=seed)
+    led = ledger([Problem(f"q{i}", "x", "1") for i in range(num_problems)], cfg)
+    # Rounds straddle epoch boundaries when B does not divide the problem count.
+    order = [g.problem_id for g in grants(led, 3 * num_problems + batch)]
+    for start in range(0, 3 * num_problems, num_problems):
+        assert sorted(order[start:start + num_problems]) == sorted(led.index)
+
+
+def test_every_epoch_is_reshuffled() -> None:
+    led = ledger()
+    order = [g.problem_id for g in grants(led, 2 * len(PROBLEMS))]
+    assert order[:20] != order[20:]
+
+
+def test_snapshot_restores_position_leases_and_statistics() -> None:
+    led = ledger()
+    for g in grants(led, 7):
+        led.report(report_of(g, k=1))
+    grants(led, 2, now=5.0)  # two leases outstanding at snapshot time
+    led.progress(version=2, consumed_groups=6)
+    state = led.state_dict()
+
+    restored = ledger()
+    restored.load_state_dict(state, now=100.0)
+    for key in ("epoch", "cursor", "round", "issued_groups", "completed_groups",
+                "learner_version", "consumed_groups", "next_grant_id", "next_lease_id"):
+        assert getattr(restored, key) == getattr(led, key), key
+    assert (restored.stats.k == led.stats.k).all() and (restored.stats.g == led.stats.g).all()
+    assert restored.counters["restored"] == 1
+    # Both continue identically into the next epoch: same queue, permutation, budgets, leases.
+    a, b = grants(led, 20, now=200.0), grants(restored, 20, now=200.0)
+    assert [(g.grant_id, g.lease_id, g.problem_id, g.n) for g in a] == \
+           [(g.grant_id, g.lease_id, g.problem_id, g.n) for g in b]
+    assert restored.epoch == 1
+
+
+def test_leases_held_at_a_snapshot_stay_valid_for_a_lease_period() -> None:
+    led = ledger()
+    held = grants(led, 2, now=0.0)
+    restored = ledger()
+    restored.load_state_dict(led.state_dict(), now=100.0)
+    assert restored.expire(100.0 + LEASE - 1) == 0
+    assert restored.report(report_of(held[0], k=2)) == "accepted"
+    assert stats_of(restored, held[0].problem_id) == (2.0, held[0].n)
+    assert restored.expire(100.0 + LEASE) == 1
+    assert restored.report(report_of(held[1])) == "late"
+
+
+def test_snapshot_of_another_problem_count_is_refused() -> None:
+    state = ledger().state_dict()
+    with pytest.raises(ValueError, match="snapshot is of 20 problems"):
+        ledger(PROBLEMS[:10]).load_state_dict(state, now=0.0)
