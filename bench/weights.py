@@ -163,8 +163,9 @@ def main() -> None:
             lat, nbytes = sync_latency(path, actors, 3, chunk, d / name)
             bound = raw_bound(nbytes, chunk, actors)
             med = statistics.median(lat)
+            runs = [round(x * 1e3) for x in lat]
             print(f"{name:5s} {nbytes / 1e6:8.1f} MB x {actors} actors: step end -> all "
-                  f"actors on new weights {med * 1e3:8.1f} ms (runs {[round(x * 1e3) for x in lat]}); "
+                  f"actors on new weights {med * 1e3:8.1f} ms (runs {runs}); "
                   f"raw pyzmq bound {bound * 1e3:8.1f} ms; ratio {med / bound:5.2f}")
             out[name] = {"bytes": nbytes, "sync_ms": round(med * 1e3, 1),
                          "bound_ms": round(bound * 1e3, 1), "ratio": round(med / bound, 2)}

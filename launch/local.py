@@ -123,6 +123,14 @@ class Progress:
               f"ETA {eta:4.0f}s{acc}", flush=True)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_local(cfg: RunConfig, resume: str | None = None) -> int:
     from launch.cli import ensure_run_keys, model_path
 
@@ -148,16 +156,18 @@ def run_local(cfg: RunConfig, resume: str | None = None) -> int:
     env = child_env()
     logs = run_dir / "logs"
     alloc = Child("allocator", [*py, "allocator", cfg_file], logs / "allocator.log", env)
-    if cfg.learner.ranks > 1:
-        learner_argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc_per_node={cfg.learner.ranks}", "-m", "launch.cli", "learner",
-                        cfg_file]
-    else:
-        learner_argv = [*py, "learner", cfg_file]
-    learner = Child("learner", learner_argv, logs / "learner.log", env)
+    # Learner ranks are our own children (not torchrun's), so each dies with the launcher.
+    master_port = _free_port()
+    learners = []
+    for rank in range(cfg.learner.ranks):
+        renv = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(cfg.learner.ranks), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(master_port)}
+        name = "learner" if rank == 0 else f"learner{rank}"
+        learners.append(Child(name, [*py, "learner", cfg_file], logs / f"{name}.log", renv))
     actors = [Child(f"actor{i}", [*py, "actor", cfg_file, "--index", str(i)],
                     logs / f"actor{i}.log", env) for i in range(cfg.actor.num_actors)]
-    children = [alloc, learner, *actors]
+    children = [alloc, *learners, *actors]
     stopping = {"signal": None}
 
     def on_signal(signum, _frame) -> None:
@@ -180,12 +190,14 @@ def run_local(cfg: RunConfig, resume: str | None = None) -> int:
             if stopping["signal"] is not None:
                 print("[run] stopping: final checkpoint, then shutdown", flush=True)
                 break
-            if not learner.alive():
-                code = learner.proc.returncode
-                if code != 0:
-                    print(f"[run] ERROR: learner exited with code {code}; last lines of "
-                          f"{learner.log}:\n{learner.tail()}", file=sys.stderr)
-                    rc = 1
+            dead = [c for c in learners if not c.alive() and c.proc.returncode != 0]
+            if dead:
+                c = dead[0]
+                print(f"[run] ERROR: {c.name} exited with code {c.proc.returncode}; last "
+                      f"lines of {c.log}:\n{c.tail()}", file=sys.stderr)
+                rc = 1
+                break
+            if not any(c.alive() for c in learners):
                 break
             if not alloc.alive():
                 print(f"[run] ERROR: allocator exited with code {alloc.proc.returncode}; "
@@ -207,7 +219,7 @@ def run_local(cfg: RunConfig, resume: str | None = None) -> int:
                 rc = 1
                 break
     finally:
-        shutdown([learner], timeout=120)  # learner first: it writes the final checkpoint
+        shutdown(learners, timeout=120)  # learners first: they write the final checkpoint
         shutdown([*actors, alloc], timeout=30)
         for s, h in old.items():
             signal.signal(s, h)

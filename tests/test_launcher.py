@@ -1,0 +1,94 @@
+"""`dynamo-rl run` supervises real processes: restarts dead actors, names a dead learner,
+shuts down cleanly on SIGTERM with a final checkpoint, and leaves no orphan behind, even
+when the launcher itself is SIGKILLed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, make_config, wait_for
+
+
+def start(cfg: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(cfg)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def pids(pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def steps(run_dir: Path) -> int:
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return 0
+    return max([json.loads(x)["step"] for x in f.read_text().splitlines()] or [0])
+
+
+def config(run_dir: Path, model: Path, total: int) -> Path:
+    return make_config(run_dir, model, allocator={"batch_prompts": 16, "n_mean": 8,
+                                                  "n_min": 4, "n_max": 16},
+                       learner={"total_steps": total, "prompts_per_step": 16,
+                                "eval_every": 0, "checkpoint_every": 1000})
+
+
+def test_dead_actor_is_restarted_and_sigterm_stops_with_a_final_checkpoint(tiny_model,
+                                                                            tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(config(run_dir, tiny_model, 10_000))
+    try:
+        wait_for(lambda: steps(run_dir) >= 2, 300, "two learner steps")
+        (actor,) = pids(f"launch.cli actor {run_dir}")
+        os.kill(actor, signal.SIGKILL)
+        s = steps(run_dir)
+        wait_for(lambda: pids(f"launch.cli actor {run_dir}") not in ([], [actor]), 60,
+                 "a replacement actor")
+        wait_for(lambda: steps(run_dir) >= s + 3, 300, "training to go on")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "actor0 died" in out and "restarting" in out
+    tag = (run_dir / "checkpoints" / "LATEST").read_text().strip()
+    state = json.loads((run_dir / "checkpoints" / tag / "learner_state.json").read_text())
+    assert state["step"] == steps(run_dir)  # the final checkpoint holds the last step
+    assert (run_dir / "checkpoints" / tag / "hf" / "config.json").is_file()
+    assert pids(str(run_dir)) == []
+
+
+def test_dead_learner_ends_the_run_naming_it(tiny_model, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(config(run_dir, tiny_model, 10_000))
+    try:
+        wait_for(lambda: steps(run_dir) >= 1, 300, "a learner step")
+        (learner,) = pids(f"launch.cli learner {run_dir}")
+        os.kill(learner, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert "learner exited with code -9" in out and "learner.log" in out
+    assert pids(str(run_dir)) == []
+
+
+def test_sigkilled_launcher_leaves_no_orphans(tiny_model, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(config(run_dir, tiny_model, 10_000))
+    try:
+        wait_for(lambda: steps(run_dir) >= 1, 300, "a learner step")
+        assert len(pids(str(run_dir))) >= 3  # allocator, learner, actor
+        proc.kill()
+        proc.wait()
+        wait_for(lambda: pids(str(run_dir)) == [], 30, "every child to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
