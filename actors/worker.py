@@ -52,8 +52,10 @@ from protocol.messages import (
 from protocol.sockets import CurveKeys, SocketOptions, open_socket, recv, send
 from protocol.weights import WeightReceiver
 from tasks.verifiers import Verifier
+from telemetry.spans import close_trace, now_ns, open_trace, record, span
 
 log = logging.getLogger("dynamo.actor")
+PHASE_SPAN_NS = 500_000_000  # engine steps / idle polls coalesce into spans of at most 0.5 s
 
 
 @dataclass(slots=True)
@@ -74,7 +76,8 @@ class Endpoints:
 class Actor:
     def __init__(self, cfg: ActorConfig, model_path: str, endpoints: Endpoints, *,
                  index: int = 0, keys: CurveKeys | None = None,
-                 max_message_bytes: int = 512 << 20, metrics_path: Path | None = None) -> None:
+                 max_message_bytes: int = 512 << 20, metrics_path: Path | None = None,
+                 run_dir: Path | None = None) -> None:
         self.cfg = cfg
         self.index = index
         self.actor_id = f"{socket.gethostname()}-a{index}-{os.getpid()}"
@@ -98,10 +101,17 @@ class Actor:
         self.held_ids: set[int] = set()
         self.engine_busy_s = 0.0
         self.engine_idle_s = 0.0
+        self.weights_s = 0.0  # applying weights between engine steps
+        self.gen_tokens = 0  # completion tokens of finished groups (engine thread)
         self.metrics_path = metrics_path
+        self.started_at = time.time()
+        self.run_dir = run_dir  # spans go to run_dir/trace when given
 
     # ================================================================ engine thread
     def run(self) -> None:
+        if self.run_dir is not None:
+            open_trace(self.run_dir, f"actor{self.index}", "actor", clock_id=self.actor_id)
+        self.started_at = time.time()  # the cumulative engine counters start here
         io = threading.Thread(target=self._io_loop, name="actor-io", daemon=True)
         io.start()
         try:
@@ -109,11 +119,23 @@ class Actor:
         finally:
             self.stop.set()
             io.join(timeout=10)
+            close_trace()
 
     def _engine_loop(self) -> None:
         eng = self.engine
         waiting: deque[WorkGrant] = deque()  # granted, waiting for weights or capacity
         active: dict[str, _Group] = {}  # "grant.lease" -> group being generated
+        # The loop is hot (one engine step per iteration): consecutive iterations in the same
+        # state (generate / wait_grant / wait_weights) are recorded as one span.
+        phase: list = [None, 0, 0]  # span name, start (ns), iterations
+
+        def enter(name: str | None, t: int) -> None:
+            if phase[0] != name or t - phase[1] > PHASE_SPAN_NS:
+                if phase[0] is not None:
+                    record(phase[0], phase[1], t, steps=phase[2])
+                phase[:] = [name, t, 0]
+            phase[2] += 1
+
         while not self.stop.is_set():
             latest = None
             while True:
@@ -122,11 +144,15 @@ class Actor:
                 except queue.Empty:
                     break
             if latest is not None:
-                t = time.perf_counter()
+                t = now_ns()
+                enter(None, t)
                 eng.load_weights(latest[1], latest[0])
+                t_end = now_ns()
+                record("apply_weights", t, t_end, version=latest[0])
+                self.weights_s += (t_end - t) / 1e9
                 self.counters["weight_updates"] += 1
-                log.info("applied weights v%d in %.3fs at %.6f", latest[0],
-                         time.perf_counter() - t, time.time())
+                log.info("applied weights v%d in %.3fs at %.6f", latest[0], (t_end - t) / 1e9,
+                         time.time())
             while True:
                 try:
                     waiting.append(self.grants.get_nowait())
@@ -142,19 +168,23 @@ class Actor:
                 active[key] = _Group(g, ids, time.perf_counter())
                 eng.add(key, ids, g.n)
             if eng.busy():
-                t = time.perf_counter()
+                t = now_ns()
+                enter("generate", t)
                 for key, samples in eng.step():
                     grp = active.pop(key)
                     grp.samples = samples
+                    self.gen_tokens += sum(len(s.tokens) for s in samples)
                     self.finished.put((grp, time.perf_counter() - grp.started))
-                self.engine_busy_s += time.perf_counter() - t
+                self.engine_busy_s += (now_ns() - t) / 1e9
             else:
-                t = time.perf_counter()
+                t = now_ns()
+                enter("wait_weights" if waiting else "wait_grant", t)
                 try:
                     waiting.append(self.grants.get(timeout=0.002))
                 except queue.Empty:
                     pass
-                self.engine_idle_s += time.perf_counter() - t
+                self.engine_idle_s += (now_ns() - t) / 1e9
+        enter(None, now_ns())
 
     # ================================================================ I/O thread
     def _io_loop(self) -> None:
@@ -183,9 +213,13 @@ class Actor:
             while not self.stop.is_set():
                 now = time.monotonic()
                 if now >= next_beat:
-                    to_alloc.append(Heartbeat(
+                    # Sent at once when possible: the allocator reads (receive - sent_at) as
+                    # delay + clock offset, so time in our queue would bias the estimate.
+                    beat = Heartbeat(
                         sender=self.actor_id, role="actor", sent_at=time.time(),
-                        policy_version=receiver.version, in_flight=sorted(self.held_ids)))
+                        policy_version=receiver.version, in_flight=sorted(self.held_ids))
+                    if not self._try_send(alloc, beat):
+                        to_alloc.append(beat)
                     self._try_send(wsock, receiver.hello())  # (re)subscribes after restarts
                     next_beat = now + self.cfg.heartbeat_s
                 if metrics_f is not None and now >= next_metrics:
@@ -233,16 +267,21 @@ class Actor:
                         grp, gen_s = self.finished.get_nowait()
                     except queue.Empty:
                         break
-                    group, stats = self._score(grp, gen_s, verifier)
+                    with span("score", grant=grp.grant.grant_id, n=grp.grant.n):
+                        group, stats = self._score(grp, gen_s, verifier)
                     to_learner.append(group)
                     to_alloc.append(stats)
                     self.held -= 1
                     self.held_ids.discard(grp.grant.grant_id)
+                t_send, sent = now_ns(), 0
                 while to_learner and self._try_send(push, to_learner[0]):
                     g = to_learner.popleft()
+                    sent += 1
                     self.counters["groups_sent"] += 1
                     self.counters["samples_sent"] += g.n
                     self.counters["tokens_sent"] += g.num_tokens
+                if sent:
+                    record("send", t_send, now_ns(), groups=sent, outbox=len(to_learner))
                 while to_alloc and self._try_send(alloc, to_alloc[0]):
                     to_alloc.popleft()
         finally:
@@ -256,8 +295,11 @@ class Actor:
     def _metrics(self, outbox: int, verifier: Verifier) -> dict[str, Any]:
         """Cumulative counters of this actor (one JSON line every 2 s)."""
         return {"time": time.time(), "actor": self.actor_id, "index": self.index,
-                "version": self.engine.version, "engine_busy_s": round(self.engine_busy_s, 4),
-                "engine_idle_s": round(self.engine_idle_s, 4), "held_grants": self.held,
+                "started_at": self.started_at, "version": self.engine.version,
+                "engine_busy_s": round(self.engine_busy_s, 4),
+                "engine_idle_s": round(self.engine_idle_s, 4),
+                "weights_s": round(self.weights_s, 4), "gen_tokens": self.gen_tokens,
+                "held_grants": self.held,
                 "outbox": outbox, **self.counters,
                 **{f"verifier_{k}": v for k, v in verifier.counters.items()}}
 

@@ -160,8 +160,20 @@ class Ledger:
                 g.deadline = now + self.cfg.lease_s
 
     def progress(self, version: int, consumed_groups: int) -> None:
+        if consumed_groups < self.consumed_groups:
+            # The learner restarted from a checkpoint. Groups it received after that
+            # checkpoint are gone with it: stop counting them as outstanding (or the pacing
+            # window would stay full forever) and count them as lost.
+            in_flight = sum(1 for g in self.grants.values() if g.lease_id)
+            completed = self.issued_groups - in_flight
+            self.counters["groups_lost_to_learner_restart"] += max(0, completed - consumed_groups)
+            self.counters["learner_restarts"] += 1
+            self.issued_groups = consumed_groups + in_flight
+            self.learner_version = version
+            self.consumed_groups = consumed_groups
+            return
         self.learner_version = max(self.learner_version, version)
-        self.consumed_groups = max(self.consumed_groups, consumed_groups)
+        self.consumed_groups = consumed_groups
 
     def expire(self, now: float) -> int:
         """Re-queue (at the front) every grant whose lease ran out; returns how many."""

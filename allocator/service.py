@@ -4,6 +4,11 @@ It owns the problem set and the Ledger (rounds, leases, statistics). Nothing mal
 reaches the Ledger: the codec rejects it, the rejection is logged and counted by error code,
 and the service goes on. State is snapshotted atomically to the run directory and restored
 on restart, so a restarted allocator continues the same epoch with the same statistics.
+
+It records spans of its work (allocate: a request that formed a new round; grant: one served
+from the current round; expire; snapshot) and, for every heartbeat, a clock sample
+`receive wall time - sent_at` per sender, from which the trace merger estimates each
+process's clock offset relative to this one (telemetry/merge.py).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from protocol.messages import (
 )
 from protocol.sockets import CurveKeys, SocketOptions, open_socket, start_authenticator
 from tasks.problems import Problem
+from telemetry.spans import event, now_ns, open_trace, record, span
 
 log = logging.getLogger("dynamo.allocator")
 SNAPSHOT = "allocator_state.pkl"
@@ -83,6 +89,7 @@ class AllocatorService:
             log.info("restored snapshot: epoch %d round %d, %d grants outstanding",
                      self.ledger.epoch, self.ledger.round, len(self.ledger.grants))
         self.stop = asyncio.Event()
+        self.auth = None
 
     async def _handle(self, sock: zmq.asyncio.Socket, frames: list[zmq.Frame]) -> None:
         ident, body = frames[0].bytes, frames[1:]
@@ -96,7 +103,11 @@ class AllocatorService:
             return
         now = time.monotonic()
         if isinstance(msg, WorkRequest):
+            t, rnd = now_ns(), ledger.round
             reply = ledger.request(msg.actor_id, msg.want, now)
+            granted = 0 if isinstance(reply, NoWork) else len(reply)
+            record("allocate" if ledger.round != rnd else "grant", t, now_ns(),
+                   round=ledger.round, granted=granted)
             for m in ([reply] if isinstance(reply, NoWork) else reply):
                 await self._send(sock, ident, m)
         elif isinstance(msg, StatsReport):
@@ -105,6 +116,9 @@ class AllocatorService:
                 log.info("ignored %s report for grant %d (lease %d) from %s", status,
                          msg.grant_id, msg.lease_id, msg.actor_id)
         elif isinstance(msg, Heartbeat):
+            # NTP-style: receive - send = one-way delay + (our clock - sender's clock).
+            event("clock_sample", sender=msg.sender,
+                  delta_ns=time.time_ns() - round(msg.sent_at * 1e9))
             ledger.heartbeat(msg.sender, list(msg.in_flight), now)
         elif isinstance(msg, LearnerProgress):
             ledger.progress(msg.version, msg.consumed_groups)
@@ -125,16 +139,22 @@ class AllocatorService:
         last_snap = time.monotonic()
         while not self.stop.is_set():
             await asyncio.sleep(0.25)
-            n = self.ledger.expire(time.monotonic())
+            with span("expire"):
+                n = self.ledger.expire(time.monotonic())
             if n:
                 log.warning("%d leases expired; grants re-queued", n)
+            if self.auth is not None:  # CURVE handshakes refused by the allow-list
+                self.ledger.counters["refused_unauthenticated"] = self.auth.allow_list.refused
             if time.monotonic() - last_snap >= self.cfg.snapshot_every_s:
-                write_snapshot(self.ledger, self.run_dir)
+                with span("snapshot"):
+                    write_snapshot(self.ledger, self.run_dir)
                 last_snap = time.monotonic()
 
     async def serve(self) -> None:
+        open_trace(self.run_dir, "allocator", "allocator")
         ctx = zmq.asyncio.Context()
         auth = start_authenticator(ctx, self.client_keys) if self.keys is not None else None
+        self.auth = auth
         sock = open_socket(ctx, zmq.ROUTER, self.endpoint, bind=True, keys=self.keys,
                            options=SocketOptions(sndhwm=10000, rcvhwm=10000))
         log.info("allocator serving %s (%d problems)", self.endpoint, len(self.ledger.problems))

@@ -99,7 +99,8 @@ def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     actor = Actor(cfg.actor, path, ep, index=args.index, keys=keys,
                   max_message_bytes=net.max_message_mib << 20,
-                  metrics_path=cfg.run_dir / f"metrics_actor{args.index}.jsonl")
+                  metrics_path=cfg.run_dir / f"metrics_actor{args.index}.jsonl",
+                  run_dir=cfg.run_dir)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: actor.stop.set())
     actor.run()
@@ -132,9 +133,23 @@ def cmd_run(cfg: RunConfig, args: argparse.Namespace) -> int:
     return run_local(cfg, resume=args.resume)
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from telemetry.report import profile_run
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "trace").is_dir():
+        print(f"dynamo-rl profile: {run_dir} holds no metrics.jsonl or trace/ (not a run "
+              f"directory, or the run has not started)", file=sys.stderr)
+        return 2
+    profile_run(run_dir, window_s=args.window)
+    return 0
+
+
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separate config overrides (`--section.field VALUE`, `--preset X`) from CLI options."""
-    top = set(RunConfig.model_fields)
+    # Whole sections (`--model DIR` is eval's option) are not scalar overrides.
+    top = set(RunConfig.model_fields) - {"task", "model", "allocator", "actor", "learner",
+                                         "network"}
     own, overrides = [], []
     i = 0
     while i < len(argv):
@@ -170,9 +185,24 @@ def main(argv: list[str] | None = None) -> int:
     add("learner", cmd_learner, "run the learner (one rank; use torchrun for several)")
     p = add("run", cmd_run, "run allocator, actors and learner on this machine")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    from launch.evaluate import add_eval_arguments, cmd_eval  # light: no torch/vllm import
+
+    p = add("eval", cmd_eval, "score a model or checkpoint on benchmark files with vLLM "
+            "(pass@1 over k samples, pass@k)")
+    add_eval_arguments(p)
+    p = sub.add_parser("profile", help="throughput report of a finished or running run: "
+                       "summary table, RUN_DIR/trace.json, RUN_DIR/profile/ (figures)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--window", type=float, default=30.0,
+                   help="seconds of the run shown in the timeline figure (the last ones)")
+    p.set_defaults(fn=None)
 
     own, rest = split_overrides(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(own)
+    if args.command == "profile":  # reads a run directory, not a config
+        if rest:
+            parser.error(f"profile takes no config overrides: {' '.join(rest)}")
+        return cmd_profile(args)
     try:
         if getattr(args, "resume", None):  # the run's own config, plus any overrides
             rest = ["--run_dir", args.resume, *rest]

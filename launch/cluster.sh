@@ -185,7 +185,7 @@ nh=${#hosts[@]}
 
 # Host indices per role.
 if ((nh == 1)); then
-    ((learner_nodes == 1 && ${actor_nodes:-1} == 1)) || die "the $source names one host, " \
+    ((learner_nodes == 1 && ${actor_nodes:-1} == 1)) || die "the $source names one host," \
         "which runs every role only with --learner-nodes 1 --actor-nodes 1"
     actor_nodes=1 head=0 learner_ix=(0) actor_ix=(0)
 else
@@ -213,14 +213,15 @@ for i in "${actor_ix[@]}"; do
     ((g % tp == 0)) || die "${hosts[$i]}: $g GPUs per node is not divisible by --actor-tp $tp"
 done
 
-me=" localhost 127.0.0.1 $(hostname) $(hostname -s 2>/dev/null || true) $(hostname -f 2>/dev/null || true) "
+me=" localhost 127.0.0.1 $(hostname) $(hostname -s 2>/dev/null || true)"
+me+=" $(hostname -f 2>/dev/null || true) "
 is_local() { [[ ${me,,} == *" ${1,,} "* ]]; }
 is_loopback() { [[ $1 == localhost || $1 == 127.* ]]; }
 
 head_host=${hosts[$head]} learner0=${hosts[${learner_ix[0]}]}
-if ((nh > 1)); then
+if ((nh > 1)) && { is_loopback "$head_host" || is_loopback "$learner0"; }; then
     for i in "${learner_ix[@]}" "${actor_ix[@]}"; do
-        if ! is_local "${hosts[$i]}" && { is_loopback "$head_host" || is_loopback "$learner0"; }; then
+        if ! is_local "${hosts[$i]}"; then
             die "name the head and the first learner node by addresses the other nodes reach," \
                 "not $head_host / $learner0"
         fi
@@ -245,7 +246,8 @@ overrides=(--run_dir "$run_dir" "${passthrough[@]}")  # every process gets these
 # One shell line per command, printed (dry run) or executed by `bash -c`.
 on() {  # HOST SHELL_COMMAND -> the line that runs SHELL_COMMAND in REPO on HOST
     if is_local "$1"; then echo "$2"
-    elif ((slurm)); then q srun --nodes=1 --ntasks=1 --overlap -w "$1" bash -c "cd $(q "$REPO") && $2"
+    elif ((slurm)); then
+        q srun --nodes=1 --ntasks=1 --overlap -w "$1" bash -c "cd $(q "$REPO") && $2"
     else q ssh -o BatchMode=yes "$1" "cd $(q "$REPO") && $2"; fi
 }
 run() {  # LINE: print it, or run it in the foreground
@@ -285,18 +287,18 @@ stop_all() {
 tail_log() { tail -n 15 "$run_dir/logs/$1.log" 2>/dev/null | sed 's/^/    /' >&2 || true; }
 
 cli=("$py" -m launch.cli)
-learner_port_host=$learner0 alloc_net=() learner_net=() actor_net=()
+master_addr=$learner0 alloc_net=() learner_net=() actor_net=()
 if ((nh > 1)); then
-    alloc_net=(--network.host 0.0.0.0)
-    learner_net=(--network.host 0.0.0.0 --network.allocator_host "$head_host")
+    alloc_net=(--network.bind_host 0.0.0.0)
+    learner_net=(--network.bind_host 0.0.0.0 --network.allocator_host "$head_host")
     actor_net=(--network.allocator_host "$head_host" --network.learner_host "$learner0")
 else
-    learner_port_host=127.0.0.1  # one host: every address is the config's network.host
+    master_addr=127.0.0.1  # one host: the config's network addresses as they are
 fi
 
 names() { local i out=(); for i; do out+=("${hosts[$i]}"); done; echo "${out[*]}"; }
 note "allocator: $head_host | learner: $(names "${learner_ix[@]}") (torchrun, master" \
-     "$learner_port_host:$master_port) | actors: $(names "${actor_ix[@]}") (TP $tp) | $run_dir"
+     "$master_addr:$master_port) | actors: $(names "${actor_ix[@]}") (TP $tp) | $run_dir"
 
 if ((!dry)); then
     mkdir -p "$run_dir/logs"
@@ -310,7 +312,9 @@ fi
 
 # The head node: refuse to overwrite a run, or restore the allocator for --resume; keys.
 if ((resume)); then
-    run "$(on "$head_host" "$(q "$py" -c 'import sys; from pathlib import Path; from launch.local import restore_allocator_snapshot as restore; sys.exit(restore(Path(sys.argv[1])) is None)' "$run_dir")")" \
+    restore='import sys; from pathlib import Path; from launch.local import '
+    restore+='restore_allocator_snapshot as r; sys.exit(r(Path(sys.argv[1])) is None)'
+    run "$(on "$head_host" "$(q "$py" -c "$restore" "$run_dir")")" \
         || die "nothing to resume: $run_dir/checkpoints/LATEST not found on $head_host"
 else
     if run "$(on "$head_host" "$(q test -e "$run_dir/checkpoints/LATEST")")" && ((!dry)); then
@@ -334,7 +338,8 @@ if ((curve)); then
         is_local "$host" || dst=$host:$dst
         is_local "$head_host" || is_local "$host" || three=(-3)
         if is_local "$head_host"; then src_words="$(q "$src")/*"; else src_words=$(q "$src/*"); fi
-        prepare="$(q rm -rf "$incoming") && $(q mkdir -p "$run_dir") && $(q mkdir -m 700 "$incoming")"
+        prepare="$(q rm -rf "$incoming") && $(q mkdir -p "$run_dir")"
+        prepare+=" && $(q mkdir -m 700 "$incoming")"
         install="$(q mkdir -p -m 700 "$run_dir/keys") && mv -f $(q "$incoming")/*"
         install+=" $(q "$run_dir/keys/") && $(q rmdir "$incoming")"
         { run "$(on "$host" "$prepare")" &&
@@ -351,24 +356,28 @@ if ((embedded_model)); then
         host=${hosts[$i]}
         [[ -z ${built[$host]-} ]] || continue
         built[$host]=1
-        start "build-model-$host" "$host" "$lifelines/others" "${cli[@]}" build-model "$config" "${overrides[@]}"
+        start "build-model-$host" "$host" "$lifelines/others" \
+            "${cli[@]}" build-model "$config" "${overrides[@]}"
     done
     if ((!dry)); then
         for host in "${!built[@]}"; do
             reap "build-model-$host"
-            ((rc == 0)) || { tail_log "build-model-$host"; die "building the model on $host failed"; }
+            ((rc == 0)) || {
+                tail_log "build-model-$host"; die "building the model on $host failed"
+            }
             unset "pid_of[build-model-$host]"
         done
     fi
 fi
 
-start allocator "$head_host" "$lifelines/others" "${cli[@]}" allocator "$config" "${overrides[@]}" "${alloc_net[@]}"
+start allocator "$head_host" "$lifelines/others" \
+    "${cli[@]}" allocator "$config" "${overrides[@]}" "${alloc_net[@]}"
 service_names+=(allocator)
 rank=0
 for i in "${learner_ix[@]}"; do
     start "learner-node$rank" "${hosts[$i]}" "$lifelines/learner" "$py" -m torch.distributed.run \
         --nnodes "$learner_nodes" --nproc_per_node "$(gpus_of "$i")" --node_rank "$rank" \
-        --master_addr "$learner_port_host" --master_port "$master_port" \
+        --master_addr "$master_addr" --master_port "$master_port" \
         -m launch.cli learner "$config" "${overrides[@]}" "${learner_net[@]}"
     learner_names+=("learner-node$rank")
     rank=$((rank + 1))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch.config import RunConfig, dump_config
+from telemetry.report import step_wall
 
 _PR_SET_PDEATHSIG = 1
 
@@ -86,7 +87,10 @@ def child_env() -> dict[str, str]:
 
 
 class Progress:
-    """Follows metrics.jsonl and prints one line per learner step."""
+    """Follows metrics.jsonl and prints one line per learner step; tokens/s and the ETA are
+    measured over the last `window` steps, so they follow the run's current pace."""
+
+    window = 10
 
     def __init__(self, path: Path, total_steps: int) -> None:
         self.path, self.total = path, total_steps
@@ -114,13 +118,13 @@ class Progress:
         if step == 0:
             print(f"[run] step    0{acc}", flush=True)
             return
-        el = r.get("elapsed_s", 0.0)
-        toks = sum(x.get("gen_tokens", 0) for x in self.records) / max(el, 1e-9)
-        eta = el / step * (self.total - step)
+        recent = [x for x in self.records if x.get("step", 0) > 0][-self.window:]
+        secs = max(sum(step_wall(x) for x in recent), 1e-9)
+        toks = sum(x.get("gen_tokens", 0) for x in recent) / secs
+        eta = secs / len(recent) * (self.total - step)
         print(f"[run] step {step:4d}/{self.total}  reward {r['reward/mean']:.3f}  "
               f"zero-signal {r['zero_signal_frac']:.2f}  gen {toks:7.0f} tok/s  "
-              f"step {sum(v for k, v in r.items() if k.startswith('time/')):5.2f}s  "
-              f"ETA {eta:4.0f}s{acc}", flush=True)
+              f"step {step_wall(r):5.2f}s  ETA {eta:4.0f}s{acc}", flush=True)
 
 
 def _free_port() -> int:

@@ -1,10 +1,17 @@
-"""The learner process around the Trainer: sockets (rank 0 only), loop, metrics, checkpoints."""
+"""The learner process around the Trainer: sockets (rank 0 only), loop, metrics, checkpoints.
+
+Every rank records spans of its phases (wait_batch, train_step with prepare / recompute /
+fwd_bwd / optimizer inside, publish_weights, eval, checkpoint) to RUN_DIR/trace; rank 0 writes
+one metrics line per step to RUN_DIR/metrics.jsonl and the same numbers to TensorBoard.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -20,6 +27,7 @@ from learner.objective import PRESETS, ObjectiveConfig
 from learner.trainer import Trainer, init_distributed, metrics_line, send_progress
 from protocol.sockets import CurveKeys, SocketOptions, open_socket
 from tasks.problems import Problem
+from telemetry.spans import now_ns, open_trace, record, span
 
 log = logging.getLogger("dynamo.learner")
 
@@ -54,8 +62,11 @@ def objective_config(cfg: LearnerConfig, preset: str) -> ObjectiveConfig:
 def run_learner(s: LearnerSetup) -> int:
     rank, world = init_distributed()
     cfg = s.cfg
-    trainer = Trainer(cfg, objective_config(cfg, s.preset), s.model_path,
-                      temperature=s.temperature)
+    clock_id = f"{socket.gethostname()}-learner{rank}-{os.getpid()}"
+    open_trace(s.run_dir, f"learner{rank}", "learner", clock_id=clock_id)
+    with span("init"):
+        trainer = Trainer(cfg, objective_config(cfg, s.preset), s.model_path,
+                          temperature=s.temperature)
     ckpt_root = s.run_dir / "checkpoints"
     state = trainer.load(ckpt_root)
     step = int(state["step"]) if state else 0
@@ -68,12 +79,13 @@ def run_learner(s: LearnerSetup) -> int:
         signal.signal(sig, lambda *_: stop.set())
 
     intake = publisher = alloc = ctx = tokenizer = None
-    metrics_f = None
+    metrics_f = writer = None
     if rank == 0:
         from transformers import AutoTokenizer
 
         from learner.intake import Intake
         from protocol.weights import WeightPublisher
+        from telemetry.scalars import ScalarWriter
 
         tokenizer = AutoTokenizer.from_pretrained(s.model_path)
         intake = Intake(s.rollouts, capacity=4 * cfg.prompts_per_step, keys=s.keys,
@@ -91,64 +103,83 @@ def run_learner(s: LearnerSetup) -> int:
                                                   max_message_bytes=s.max_message_bytes))
         publisher = WeightPublisher(wsock)
         alloc = open_socket(ctx, zmq.DEALER, s.allocator, bind=False, keys=s.keys)
-        publisher.publish(trainer.version, trainer.named_weights(),
-                          chunk_bytes=int(cfg.weight_chunk_mib * (1 << 20)))
-        send_progress(alloc, trainer.version, intake.counters)
+        with span("publish_weights", version=trainer.version):
+            publisher.publish(trainer.version, trainer.named_weights(),
+                              chunk_bytes=int(cfg.weight_chunk_mib * (1 << 20)))
+        send_progress(alloc, trainer.version, intake.counters, clock_id)
         metrics_f = (s.run_dir / "metrics.jsonl").open("a")
-    last_progress = [time.monotonic()]
+        writer = ScalarWriter(s.run_dir, os.environ.get("DYNAMO_WANDB_PROJECT"),
+                              config={"preset": s.preset, **cfg.model_dump()})
 
     def heartbeat() -> None:
         if alloc is not None and intake is not None:
-            send_progress(alloc, trainer.version, intake.counters)
-            last_progress[0] = time.monotonic()
+            send_progress(alloc, trainer.version, intake.counters, clock_id)
+
+    def write_metrics(rec: dict) -> None:
+        metrics_f.write(json.dumps(rec) + "\n")
+        metrics_f.flush()
+        writer.write(rec)
 
     t_start = time.time()
     if rank == 0 and step == 0 and cfg.eval_every and s.held_out:
         rec = {"step": 0, "version": trainer.version, "time": time.time(), "elapsed_s": 0.0}
         rec.update(evaluate(trainer, tokenizer, s))
-        metrics_f.write(json.dumps(rec) + "\n")
-        metrics_f.flush()
+        write_metrics(rec)
         log.info("step 0 held-out greedy accuracy %.3f, pass@1 %.3f", rec["eval/acc"],
                  rec["eval/pass1"])
+    t_done = now_ns()  # where the previous step's wall time ended
     try:
         while step < cfg.total_steps and not stop.is_set():
-            t_wait = time.perf_counter()
+            t_iter = now_ns()
             groups = None
             if rank == 0:
                 assert intake is not None
                 groups = intake.take(cfg.prompts_per_step, trainer.version, s.max_staleness,
                                      on_wait=heartbeat, stop=stop)
-            wait_s = time.perf_counter() - t_wait
             box = [groups]
             if world > 1:
                 dist.broadcast_object_list(box, src=0)
             groups = box[0]
+            t_got = now_ns()
+            record("wait_batch", t_iter, t_got)
             if groups is None:  # stopping
                 break
             stats = trainer.step(shard(groups, rank, world) if world > 1 else groups)
+            record_step_spans(t_got, now_ns(), stats, trainer.version)
             step += 1
-            stats["time/wait_batch"] = wait_s
+            stats["time/wait_batch"] = (t_got - t_iter) / 1e9
+            extra: dict = {}
             if rank == 0:
                 assert intake is not None and publisher is not None
+                extra["queue/intake"] = intake.queue.qsize()
                 intake.counters["consumed_samples"] += sum(g.n for g in groups)
                 t_pub = time.perf_counter()
                 if trainer.version % cfg.publish_every == 0 and not stats.get("skipped_step"):
-                    publisher.publish(trainer.version, trainer.named_weights(),
-                                      chunk_bytes=int(cfg.weight_chunk_mib * (1 << 20)))
+                    with span("publish_weights", version=trainer.version):
+                        publisher.publish(trainer.version, trainer.named_weights(),
+                                          chunk_bytes=int(cfg.weight_chunk_mib * (1 << 20)))
                 stats["time/publish"] = time.perf_counter() - t_pub
                 heartbeat()
-                extra: dict = {"elapsed_s": time.time() - t_start}
                 if cfg.eval_every and step % cfg.eval_every == 0 and s.held_out:
                     extra.update(evaluate(trainer, tokenizer, s))
+            if step % cfg.checkpoint_every == 0:
+                stats["time/checkpoint"] = checkpoint(trainer, step, intake, s)
+            t_end = now_ns()
+            if rank == 0:
+                # Consecutive steps' wall times tile the run (writing the previous step's
+                # metrics included), so time/* plus "other" bookkeeping partition it.
+                wall_s = (t_end - t_done) / 1e9
+                extra.update({"elapsed_s": time.time() - t_start, "step_wall_s": wall_s,
+                              "idle/learner": stats["time/wait_batch"] / wall_s,
+                              "throughput/train_tokens_per_s":
+                              stats.get("train_tokens", 0.0) / wall_s})
                 rec = metrics_line(step, trainer.version, groups, stats, intake.counters, extra)
-                metrics_f.write(json.dumps(rec) + "\n")
-                metrics_f.flush()
+                write_metrics(rec)
                 log.info("step %d v%d reward %.3f zero-signal %.2f loss-tokens %d %s", step,
                          trainer.version, rec["reward/mean"], rec["zero_signal_frac"],
                          int(stats.get("train_tokens", 0)),
                          f"acc {extra['eval/acc']:.3f}" if "eval/acc" in extra else "")
-            if step % cfg.checkpoint_every == 0:
-                checkpoint(trainer, step, intake, s)
+            t_done = t_end
         if step and (state is None or step != int(state["step"])):
             checkpoint(trainer, step, intake, s)  # final (also on SIGTERM)
     finally:
@@ -158,6 +189,7 @@ def run_learner(s: LearnerSetup) -> int:
             publisher.close()
             if metrics_f:
                 metrics_f.close()
+                writer.close()
             for sock in (alloc, publisher.sock):
                 sock.close(linger=0)
             if s.keys is not None:
@@ -167,22 +199,39 @@ def run_learner(s: LearnerSetup) -> int:
     return 0
 
 
+def record_step_spans(start_ns: int, end_ns: int, stats: dict[str, float], version: int) -> None:
+    """The train_step span and, inside it, its phases laid end to end from the durations
+    Trainer.step measured (time/prepare, time/recompute, time/fwd_bwd, time/optimizer)."""
+    record("train_step", start_ns, end_ns, version=version)
+    t = start_ns
+    for phase in ("prepare", "recompute", "fwd_bwd", "optimizer"):
+        if f"time/{phase}" in stats:
+            end = min(t + int(stats[f"time/{phase}"] * 1e9), end_ns)
+            record(phase, t, end)
+            t = end
+
+
 def evaluate(trainer: Trainer, tokenizer, s: LearnerSetup) -> dict[str, float]:
     from learner.evaluate import evaluate_held_out
 
     t = time.perf_counter()
-    res = evaluate_held_out(trainer.engine.module, tokenizer, s.held_out, s.verifier,
-                            max_new_tokens=s.max_tokens, temperature=s.temperature)
+    with span("eval", version=trainer.version):
+        res = evaluate_held_out(trainer.engine.module, tokenizer, s.held_out, s.verifier,
+                                max_new_tokens=s.max_tokens, temperature=s.temperature)
     res["time/eval"] = time.perf_counter() - t
     return res
 
 
-def checkpoint(trainer: Trainer, step: int, intake, s: LearnerSetup) -> None:
+def checkpoint(trainer: Trainer, step: int, intake, s: LearnerSetup) -> float:
+    """Write a checkpoint (all ranks); returns the seconds it took."""
     counters = dict(intake.counters) if intake is not None else {}
     state = {"step": step, "version": trainer.version, "counters": counters,
              "seen": sorted(intake.seen) if intake is not None else []}
     t = time.perf_counter()
-    trainer.save(s.run_dir / "checkpoints", f"step{step:07d}", state, s.model_path,
-                 extra_files=[s.run_dir / "allocator_state.pkl"])
-    log.info("checkpoint step %d written in %.2fs", step, time.perf_counter() - t)
+    with span("checkpoint", step=step):
+        trainer.save(s.run_dir / "checkpoints", f"step{step:07d}", state, s.model_path,
+                     extra_files=[s.run_dir / "allocator_state.pkl"])
+    took = time.perf_counter() - t
+    log.info("checkpoint step %d written in %.2fs", step, took)
+    return took
 

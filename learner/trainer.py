@@ -35,7 +35,7 @@ from learner.objective import (
     sampled_logprobs,
     zero_signal_mask,
 )
-from protocol.messages import LearnerProgress, RolloutGroup
+from protocol.messages import Heartbeat, LearnerProgress, RolloutGroup
 
 log = logging.getLogger("dynamo.learner")
 
@@ -296,7 +296,9 @@ def metrics_line(step: int, version: int, groups: list[RolloutGroup], stats: dic
     rec: dict[str, Any] = {
         "step": step, "version": version, "time": time.time(),
         "reward/mean": float(rewards.mean()) if rewards.size else math.nan,
+        "accuracy/train": float((rewards > 0).mean()) if rewards.size else math.nan,
         "samples": int(sizes.sum()), "groups": len(groups), "gen_tokens": gen_tokens,
+        "train_tokens": 0.0,  # replaced by the step's count unless the step was skipped
         "zero_signal_frac": stats.get("zero_signal_groups", 0.0) / max(len(groups), 1),
         "budget/min": int(sizes.min()) if sizes.size else 0,
         "budget/mean": float(sizes.mean()) if sizes.size else 0.0,
@@ -315,13 +317,18 @@ def metrics_line(step: int, version: int, groups: list[RolloutGroup], stats: dic
     return rec
 
 
-def send_progress(sock: zmq.Socket, version: int, counters: Counter) -> None:
-    msg = LearnerProgress(version=version, consumed_groups=counters.get("consumed", 0),
-                          consumed_samples=counters.get("consumed_samples", 0),
-                          dropped_stale=counters.get("dropped_stale", 0))
+def send_progress(sock: zmq.Socket, version: int, counters: Counter, sender: str) -> None:
+    """Progress to the allocator, with a heartbeat whose `sent_at` lets the allocator sample
+    this process's wall-clock offset (for aligning traces across nodes)."""
     from protocol.sockets import send
 
-    try:
-        send(sock, msg, zmq.NOBLOCK)
-    except zmq.Again:
-        pass  # the allocator is away; the next progress message carries the same totals
+    msgs = (LearnerProgress(version=version, consumed_groups=counters.get("consumed", 0),
+                            consumed_samples=counters.get("consumed_samples", 0),
+                            dropped_stale=counters.get("dropped_stale", 0)),
+            Heartbeat(sender=sender, role="learner", sent_at=time.time(),
+                      policy_version=version, in_flight=[]))
+    for msg in msgs:
+        try:
+            send(sock, msg, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the allocator is away; the next progress message carries the same totals

@@ -111,13 +111,18 @@ def public_keys(key_dir: str | os.PathLike[str], exclude: Iterable[str] = ("serv
 
 
 class _AllowList:
-    """zmq.auth credentials provider admitting exactly a set of Z85 client keys."""
+    """zmq.auth credentials provider admitting exactly a set of Z85 client keys; counts the
+    handshakes it refuses (`refused`), so services can report unauthenticated peers."""
 
     def __init__(self, keys: Iterable[bytes]):
         self.keys = frozenset(keys)
+        self.refused = 0
 
     def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.keys
+        ok = key in self.keys
+        if not ok:
+            self.refused += 1
+        return ok
 
 
 def start_authenticator(ctx: zmq.Context[Any], client_keys: Iterable[bytes]) -> Authenticator:
@@ -131,7 +136,9 @@ def start_authenticator(ctx: zmq.Context[Any], client_keys: Iterable[bytes]) -> 
         auth = AsyncioAuthenticator(ctx)
     else:
         auth = ThreadAuthenticator(ctx)
-    auth.configure_curve_callback("*", credentials_provider=_AllowList(client_keys))
+    allow = _AllowList(client_keys)
+    auth.configure_curve_callback("*", credentials_provider=allow)
+    auth.allow_list = allow  # type: ignore[attr-defined]  # .allow_list.refused: a counter
     auth.start()
     return auth
 

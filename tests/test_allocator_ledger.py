@@ -150,11 +150,22 @@ def test_pacing_still_reissues_expired_work() -> None:
     assert isinstance(led.request("a", 1, LEASE), NoWork)
 
 
-def test_progress_never_goes_backwards() -> None:
-    led = ledger()
-    led.progress(version=5, consumed_groups=20)
-    led.progress(version=3, consumed_groups=8)
-    assert (led.learner_version, led.consumed_groups) == (5, 20)
+def test_a_restarted_learner_reopens_the_pacing_window_and_lost_groups_are_counted() -> None:
+    led = ledger(max_staleness=0, prompts_per_step=4)
+    for g in grants(led, 4):  # one step of work, completed and consumed
+        led.report(StatsReport(grant_id=g.grant_id, lease_id=g.lease_id, problem_id=g.problem_id,
+                               actor_id="a", k=1, n=g.n))
+    led.progress(version=1, consumed_groups=4)
+    for g in grants(led, 4):  # a second step completed, then the learner dies unconsumed
+        led.report(StatsReport(grant_id=g.grant_id, lease_id=g.lease_id, problem_id=g.problem_id,
+                               actor_id="a", k=1, n=g.n))
+    assert isinstance(led.request("a", 1, 0.0), NoWork)
+    led.progress(version=1, consumed_groups=4)  # resumed from the step-1 checkpoint
+    assert isinstance(led.request("a", 1, 0.0), NoWork)  # not a regression: same count
+    led.progress(version=0, consumed_groups=0)  # resumed from scratch
+    assert led.counters["groups_lost_to_learner_restart"] == 8
+    assert (led.learner_version, led.consumed_groups) == (0, 0)
+    assert len(grants(led, 4)) == 4  # the window is open again
 
 
 @settings(max_examples=30, deadline=None)

@@ -201,6 +201,7 @@ def test_curve_admits_only_the_runs_clients(tmp_path: Path, ctx: zmq.Context[Any
         assert received_within(pull, 2000)
         assert recv(pull) == WorkRequest(actor_id="actor", want=1, policy_version=0)
         assert not received_within(pull, 100)  # and the intruder's never arrived
+        assert auth.allow_list.refused >= 1  # the refusal is counted
     finally:
         auth.stop()
 

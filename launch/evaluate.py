@@ -1,0 +1,477 @@
+"""`dynamo-rl eval`: score a model or a training checkpoint on benchmarks with vLLM.
+
+Guarantees:
+- Every problem of every benchmark gets exactly k samples (and one greedy completion with
+  `--greedy`), all submitted in a single vLLM `generate` call so the engine schedules the
+  whole workload; sampling is seeded per problem.
+- A prompt that does not fit the context is never dropped silently: it scores 0 and is
+  counted (`prompt_too_long`); so are verifier errors and timeouts.
+- Completions are decoded and checked the way actors score training rollouts
+  (`tokenizer.decode(..., skip_special_tokens=True)`, `tasks.verifiers.Verifier`).
+- pass@k is the unbiased estimator of Chen et al. (2021); pass@1 is the mean over the k
+  samples. The full report (per-problem counts included) goes to `--out`; a table and a
+  one-line JSON summary go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+import math
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launch.config import ConfigError, RunConfig, load_config
+from tasks.problems import Problem, load_problem_file, load_task
+from tasks.verifiers import Verifier, extract_boxed
+
+log = logging.getLogger("dynamo.eval")
+
+# Qwen2.5-Math chain-of-thought prompt; `{problem}` is replaced (str.format would trip on
+# the braces of \boxed{}).
+MATH_TEMPLATE = ("{problem}\nPlease reason step by step, and put your final answer within "
+                 "\\boxed{}.")
+
+
+@dataclass(frozen=True, slots=True)
+class BenchFormat:
+    """Field names of a benchmark file; the first candidate present in the file is used."""
+
+    prompt: tuple[str, ...]
+    answer: tuple[str, ...]
+    id: str = "id"
+
+
+# Formats as the benchmarks are usually published (Qwen2.5-Math evaluation data, HF hubs).
+FORMATS: dict[str, BenchFormat] = {
+    "math500": BenchFormat(("problem",), ("answer",), id="unique_id"),
+    "aime24": BenchFormat(("problem", "question"), ("answer",)),
+    "aime25": BenchFormat(("problem", "question"), ("answer",)),
+    "amc23": BenchFormat(("question", "problem"), ("answer",)),
+    "minerva": BenchFormat(("problem", "question"), ("answer", "solution")),
+    "olympiadbench": BenchFormat(("question", "problem"), ("final_answer", "answer")),
+}
+# Any other name: look for the usual fields (verl-style parquet files included).
+GENERIC_FORMAT = BenchFormat(("problem", "question", "prompt"),
+                             ("answer", "final_answer", "reward_model.ground_truth", "solution"))
+
+
+@dataclass(slots=True)
+class Benchmark:
+    name: str
+    source: str  # file path, or "built-in" for the config's held-out arithmetic set
+    problems: list[Problem]
+    verifier: str
+    raw_prompts: bool  # True: prompts go to the model as they are (built-in task)
+    duplicates: int = 0  # rows dropped because their prompt and answer repeat an earlier row
+
+
+@dataclass(slots=True)
+class ProblemResult:
+    correct: int = 0  # c of the n = k samples
+    greedy: float | None = None
+    tokens: int = 0
+    truncated: int = 0
+    too_long: bool = False
+
+
+# ------------------------------------------------------------------------------- scoring math
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """P(at least one of k samples drawn without replacement from n is correct), c correct.
+
+    Unbiased estimator (Chen et al. 2021, eq. 1): pass@k = 1 - C(n-c, k) / C(n, k).
+    """
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n (n={n}, c={c}, k={k})")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+# ------------------------------------------------------------------------------- models
+
+
+def resolve_model(path: str | Path) -> Path:
+    """An HF model directory from a model dir, `stepN/hf`, `stepN`, `checkpoints/` or a run dir.
+
+    A `checkpoints/` folder (or a run directory holding one) resolves through its LATEST
+    pointer to `<tag>/hf`.
+    """
+    p = Path(path)
+    for ckpts in (p, p / "checkpoints"):
+        if (ckpts / "LATEST").is_file():
+            p = ckpts / (ckpts / "LATEST").read_text().strip()
+            break
+    for cand in (p, p / "hf"):
+        if (cand / "config.json").is_file():
+            return cand
+    raise ConfigError(f"--model {path}: not an HF model directory, a checkpoint (stepN or "
+                      "stepN/hf) or a checkpoints folder / run directory with a LATEST pointer")
+
+
+# ------------------------------------------------------------------------------- benchmarks
+
+
+def _lookup(row: dict, name: str) -> Any:
+    node: Any = row
+    for part in name.split("."):
+        if not isinstance(node, dict) or node.get(part) is None:
+            return None
+        node = node[part]
+    return node
+
+
+def _first_row(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark file not found: {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).slice(0, 1).to_pylist()
+    else:
+        with path.open() as f:
+            rows = [json.loads(line) for line in f if line.strip()][:1]
+    if not rows:
+        raise ValueError(f"benchmark file {path} holds no rows")
+    return rows[0]
+
+
+def _pick(row: dict, names: tuple[str, ...], what: str, path: Path) -> str:
+    for name in names:
+        if _lookup(row, name) is not None:
+            return name
+    raise ValueError(f"{path}: no {what} field (looked for {', '.join(names)}; "
+                     f"fields: {sorted(row)})")
+
+
+def _answer(raw: str, field_name: str, is_list: bool, problem_id: str) -> str:
+    if is_list:  # load_problem_file keeps str(value); a list of strings is its own literal
+        return ", ".join(str(a) for a in ast.literal_eval(raw))
+    if field_name == "solution":  # a worked solution: the answer is its last \boxed{}
+        boxed = extract_boxed(raw)
+        if boxed is None:
+            raise ValueError(f"problem {problem_id}: solution holds no \\boxed{{}} answer")
+        return boxed
+    return raw
+
+
+def load_benchmark(name: str, path: str | Path) -> tuple[list[Problem], int]:
+    """(problems, duplicates dropped) of a benchmark file, fields found by its known format."""
+    p = Path(path)
+    fmt = FORMATS.get(name.lower().replace("-", "").replace("_", ""), GENERIC_FORMAT)
+    row = _first_row(p)
+    prompt_field = _pick(row, fmt.prompt, "prompt", p)
+    answer_field = _pick(row, fmt.answer, "answer", p)
+    is_list = isinstance(_lookup(row, answer_field), list)
+    problems, seen, duplicates = [], set(), 0
+    for q in load_problem_file(p, id_field=fmt.id, prompt_field=prompt_field,
+                               answer_field=answer_field):
+        q = Problem(q.id, q.prompt, _answer(q.answer, answer_field, is_list, q.id), q.difficulty)
+        # Some published copies repeat every problem (verl's AIME parquet: 32 times).
+        if (q.prompt, q.answer) in seen:
+            duplicates += 1
+            continue
+        seen.add((q.prompt, q.answer))
+        problems.append(q)
+    return problems, duplicates
+
+
+def benchmarks_of(cfg: RunConfig, specs: list[str]) -> list[Benchmark]:
+    """`NAME=FILE` (math, verifier "math") or `arithmetic` (the config's held-out set)."""
+    out = []
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq:
+            if name != "arithmetic":
+                raise ConfigError(f"--bench {spec}: expected NAME=FILE (or `arithmetic`)")
+            if cfg.task.kind != "arithmetic":
+                raise ConfigError("--bench arithmetic: the config's task is not the built-in "
+                                  "arithmetic task")
+            out.append(Benchmark(name, "built-in", load_task(cfg.task)[1],
+                                 cfg.task.verifier_name, raw_prompts=True))
+            continue
+        try:
+            problems, dups = load_benchmark(name, path)
+        except ValueError as e:
+            raise ConfigError(f"--bench {spec}: {e}") from None
+        out.append(Benchmark(name, path, problems, "math", raw_prompts=False, duplicates=dups))
+    names = [b.name for b in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--bench names must differ, got {names}")
+    return out
+
+
+def prompt_ids(tokenizer, problem: str, template: str | None, chat: bool) -> list[int]:
+    """Token ids of a prompt: raw (template None), else templated and, with `chat` and a
+    tokenizer that has one, wrapped in the model's chat template as one user turn."""
+    text = problem if template is None else template.replace("{problem}", problem)
+    if template is not None and chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+# ------------------------------------------------------------------------------- verifying
+
+
+def _score_chunk(task: tuple[str, float, list[tuple[str, str]]]) -> tuple[list[float], Counter]:
+    verifier_name, timeout_s, items = task
+    v = Verifier(timeout_s)
+    return [v.score(verifier_name, c, a) for c, a in items], v.counters
+
+
+def score_all(jobs: list[tuple[str, list[tuple[str, str]]]], timeout_s: float,
+              workers: int) -> list[tuple[list[float], Counter]]:
+    """(scores, verifier counters) of each job (verifier name, [(completion, answer)]).
+
+    The math verifier (sympy, GIL-bound) runs in `workers` spawned processes (fork is unsafe
+    once the engine holds CUDA); cheap checkers run here.
+    """
+    owner: list[int] = []
+    chunks: list[tuple[str, float, list[tuple[str, str]]]] = []
+    total = sum(len(items) for name, items in jobs if name == "math")
+    size = max(64, math.ceil(total / (4 * max(workers, 1))))
+    for j, (name, items) in enumerate(jobs):
+        step = size if name == "math" else max(len(items), 1)
+        for i in range(0, len(items), step):
+            owner.append(j)
+            chunks.append((name, timeout_s, items[i:i + step]))
+    if workers > 1 and any(c[0] == "math" for c in chunks):
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx) as ex:
+            done = list(ex.map(_score_chunk, chunks))
+    else:
+        done = [_score_chunk(c) for c in chunks]
+    out: list[tuple[list[float], Counter]] = [([], Counter()) for _ in jobs]
+    for j, (scores, counters) in zip(owner, done, strict=True):  # a job's chunks are in order
+        out[j][0].extend(scores)
+        out[j][1].update(counters)
+    return out
+
+
+# ------------------------------------------------------------------------------- the command
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `dynamo-rl eval` (the config positional and overrides are the CLI's)."""
+    parser.add_argument("--model", help="HF model dir, checkpoint (RUN_DIR/checkpoints/stepN"
+                        "[/hf]), checkpoints folder or run dir (LATEST); default: the config's")
+    parser.add_argument("--bench", action="append", required=True, metavar="NAME=FILE",
+                        help="benchmark jsonl/parquet (known NAMEs: " + ", ".join(FORMATS)
+                        + "; others auto-detected), or `arithmetic` (the config's held-out "
+                        "built-in set); repeatable")
+    parser.add_argument("--k", type=int, default=32, help="samples per problem (default 32)")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--max-tokens", type=int,
+                        help="most generated tokens (default: the config's actor.max_tokens; "
+                        "context length is actor.max_model_len)")
+    parser.add_argument("--greedy", action="store_true", help="also score greedy decoding")
+    parser.add_argument("--prompt-template", default=MATH_TEMPLATE,
+                        help="math prompt, `{problem}` is replaced (default: Qwen2.5-Math CoT)")
+    parser.add_argument("--no-chat-template", action="store_true",
+                        help="do not wrap math prompts in the tokenizer's chat template")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes running the math verifier")
+    parser.add_argument("--out", type=Path, help="write the full report (JSON) here")
+
+
+def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from launch.cli import model_path, setup_logging
+
+    setup_logging("eval")
+    if args.k < 1:
+        raise ConfigError(f"--k {args.k}: need at least one sample per problem")
+    if "{problem}" not in args.prompt_template:
+        raise ConfigError("--prompt-template must contain {problem}")
+    max_len = cfg.actor.max_model_len
+    max_tokens = args.max_tokens or cfg.actor.max_tokens
+    if max_tokens >= max_len:
+        raise ConfigError(f"--max-tokens {max_tokens} leaves no room for the prompt in "
+                          f"actor.max_model_len = {max_len}")
+    model = resolve_model(args.model) if args.model else Path(model_path(cfg))
+    benches = benchmarks_of(cfg, args.bench)
+
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: results only
+    from actors.engine import Engine  # imports torch and vLLM: only once arguments are valid
+
+    t0 = time.perf_counter()
+    a = cfg.actor
+    engine = Engine(str(model), max_model_len=max_len, max_tokens=max_tokens,
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                    kv_cache_gib=a.kv_cache_gib, dtype=a.dtype,
+                    gpu_memory_utilization=a.gpu_memory_utilization,
+                    tensor_parallel_size=a.tensor_parallel_size, enforce_eager=a.enforce_eager)
+    from vllm import SamplingParams
+
+    tok = engine.tokenizer
+    chat = not args.no_chat_template and bool(getattr(tok, "chat_template", None))
+    results = [[ProblemResult() for _ in b.problems] for b in benches]
+    counters: list[Counter[str]] = [Counter() for _ in benches]  # verifier errors, timeouts
+    prompts: list[dict] = []
+    params: list = []
+    owners: list[tuple[int, int, bool]] = []  # (benchmark, problem, greedy) of each request
+    examples: dict[str, str] = {}
+    for bi, b in enumerate(benches):
+        template = None if b.raw_prompts else args.prompt_template
+        for pi, q in enumerate(b.problems):
+            ids = prompt_ids(tok, q.prompt, template, not args.no_chat_template)
+            if not ids:
+                raise ConfigError(f"{b.name}: the prompt of problem {q.id} tokenizes to nothing "
+                                  f"(template {template!r})")
+            examples.setdefault(b.name, tok.decode(ids))
+            if len(ids) >= max_len:  # vLLM refuses it (and the whole batch with it)
+                results[bi][pi].too_long = True
+                continue
+            prompts.append({"prompt_token_ids": ids})
+            # Per-problem seeds: a benchmark's samples do not depend on the other benchmarks.
+            params.append(SamplingParams(n=args.k, temperature=args.temperature,
+                                         top_p=args.top_p, max_tokens=max_tokens,
+                                         seed=args.seed + pi * args.k, detokenize=False))
+            owners.append((bi, pi, False))
+            if args.greedy:
+                prompts.append({"prompt_token_ids": ids})
+                params.append(SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens,
+                                             detokenize=False))
+                owners.append((bi, pi, True))
+    for b, res in zip(benches, results, strict=True):
+        if (n := sum(r.too_long for r in res)):
+            log.warning("%s: %d of %d prompts do not fit actor.max_model_len = %d; they score 0",
+                        b.name, n, len(res), max_len)
+    t1 = time.perf_counter()
+    log.info("generating %d requests (%d samples) with %s", len(prompts),
+             sum(p.n for p in params), model)
+    outputs = engine.llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
+    t2 = time.perf_counter()
+
+    # Verify: one job per (benchmark, sampled|greedy), items in request order.
+    jobs: dict[tuple[int, bool], list[tuple[str, str]]] = {}
+    slots: dict[tuple[int, bool], list[int]] = {}
+    for (bi, pi, greedy), out in zip(owners, outputs, strict=True):
+        r, answer = results[bi][pi], benches[bi].problems[pi].answer
+        for c in out.outputs:
+            jobs.setdefault((bi, greedy), []).append(
+                (tok.decode(c.token_ids, skip_special_tokens=True), answer))
+            slots.setdefault((bi, greedy), []).append(pi)
+            if not greedy:
+                r.tokens += len(c.token_ids)
+                r.truncated += c.finish_reason == "length"
+    keys = list(jobs)
+    scored = score_all([(benches[bi].verifier, jobs[bi, g]) for bi, g in keys],
+                       cfg.task.verifier_timeout_s, args.workers)
+    for (bi, greedy), (scores, job_counters) in zip(keys, scored, strict=True):
+        for pi, s in zip(slots[bi, greedy], scores, strict=True):
+            r = results[bi][pi]
+            if greedy:
+                r.greedy = s
+            else:
+                r.correct += int(s > 0)
+        counters[bi].update(job_counters)
+    t3 = time.perf_counter()
+
+    report = {"model": str(model), "k": args.k, "temperature": args.temperature,
+              "top_p": args.top_p, "max_tokens": max_tokens, "max_model_len": max_len,
+              "seed": args.seed, "prompt_template": args.prompt_template, "chat_template": chat,
+              "benchmarks": {b.name: summarize(b, res, c, args.k, args.greedy)
+                             for b, res, c in zip(benches, results, counters, strict=True)},
+              "time_s": {"load": round(t1 - t0, 2), "generate": round(t2 - t1, 2),
+                         "verify": round(t3 - t2, 2)}}
+    if len(benches) > 1:
+        report["average"] = average(report["benchmarks"])
+    print(format_table(report), flush=True)
+    if args.out is not None:
+        full = dict(report, prompt_examples=examples, per_problem={
+            b.name: [{"id": q.id, "correct": r.correct, "samples": args.k, "greedy": r.greedy,
+                      "too_long": r.too_long} for q, r in zip(b.problems, res, strict=True)]
+            for b, res in zip(benches, results, strict=True)})
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(full, indent=1) + "\n")
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+def summarize(b: Benchmark, res: list[ProblemResult], counters: Counter[str], k: int,
+              greedy: bool) -> dict[str, Any]:
+    n = max(len(res), 1)
+    samples = max(sum(k for r in res if not r.too_long), 1)
+    return {
+        "source": b.source, "verifier": b.verifier, "problems": len(res),
+        "duplicates_dropped": b.duplicates,
+        # A prompt too long for the context counts as k failed samples.
+        "pass@1": sum(r.correct / k for r in res) / n,
+        "pass@k": sum(pass_at_k(k, r.correct, k) for r in res) / n,
+        "greedy": sum(r.greedy or 0.0 for r in res) / n if greedy else None,
+        "prompt_too_long": sum(r.too_long for r in res),
+        "verifier_errors": counters["verifier_error"],
+        "verifier_timeouts": counters["verifier_timeout"],
+        "truncated_frac": sum(r.truncated for r in res) / samples,
+        "mean_response_tokens": sum(r.tokens for r in res) / samples,
+    }
+
+
+def average(benches: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Unweighted mean over benchmarks (as papers report their "average" column)."""
+    out: dict[str, float | None] = {}
+    for key in ("pass@1", "pass@k", "greedy"):
+        vals = [b[key] for b in benches.values()]
+        out[key] = None if None in vals else sum(vals) / len(vals)
+    return out
+
+
+def format_table(report: dict[str, Any]) -> str:
+    k = report["k"]
+    head = ["benchmark", "problems", "pass@1", f"pass@{k}", "greedy", "too_long", "errors",
+            "timeouts", "truncated"]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    rows = [[name, str(b["problems"]), pct(b["pass@1"]), pct(b["pass@k"]), pct(b["greedy"]),
+             str(b["prompt_too_long"]), str(b["verifier_errors"]), str(b["verifier_timeouts"]),
+             f"{100 * b['truncated_frac']:.1f}%"] for name, b in report["benchmarks"].items()]
+    if "average" in report:
+        avg = report["average"]
+        rows.append(["average", "", pct(avg["pass@1"]), pct(avg["pass@k"]), pct(avg["greedy"]),
+                     "", "", "", ""])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in [head, *rows]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m launch.evaluate [CONFIG] --model M --bench ... [--section.field VALUE ...]`."""
+    from launch.cli import split_overrides
+
+    parser = argparse.ArgumentParser(prog="dynamo-rl eval", description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", help="run config TOML (default: built-in defaults)")
+    add_eval_arguments(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    # `--model DIR` is this command's option, not an override of the [model] section.
+    model, rest, i = [], [], 0
+    while i < len(argv):
+        take = 2 if argv[i] == "--model" else 1
+        (model if argv[i].partition("=")[0] == "--model" else rest).extend(argv[i:i + take])
+        i += take
+    own, overrides = split_overrides(rest)
+    args = parser.parse_args(model + own)
+    try:
+        return cmd_eval(load_config(args.config, overrides), args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"dynamo-rl eval: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""launch/cluster.sh: role placement and commands (dry runs under a fake Slurm and a host
+file), start-up validation, stopping everything it started, and one real single-host run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, free_ports, wait_for
+
+SCRIPT = REPO / "launch" / "cluster.sh"
+CONFIG = REPO / "configs" / "default.toml"
+OPTIONS = ["--config", "--hostfile", "--learner-nodes", "--actor-nodes", "--gpus-per-node",
+           "--actor-tp", "--run-dir", "--resume", "--master-port", "--python", "--dry-run",
+           "--help"]
+
+
+def launch(*args: str, env: dict[str, str] | None = None,
+           timeout: float = 60) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**clean, **(env or {})}, cwd=REPO)
+
+
+def fake_tools(bin_dir: Path, record: Path) -> dict[str, str]:
+    """`scontrol` listing node1..node4; srun/ssh/scp that only record being called."""
+    bin_dir.mkdir()
+    tools = {"scontrol": 'test "$1 $2" = "show hostnames" && printf "node%s\\n" 1 2 3 4'}
+    tools |= {t: f'echo "{t} $*" >> {record}' for t in ("srun", "ssh", "scp")}
+    for name, body in tools.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-4]"}
+
+
+def fake_model(tmp_path: Path) -> Path:
+    """Enough of a model directory for config validation (no build-model step)."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    return tmp_path / "model"
+
+
+def process_lines(out: str, role: str) -> list[str]:
+    return [line for line in out.splitlines() if f" launch.cli {role} " in line]
+
+
+def test_slurm_dry_run_places_roles_and_passes_overrides(tmp_path):
+    record = tmp_path / "called"
+    env = fake_tools(tmp_path / "bin", record)
+    run_dir = tmp_path / "run"
+    r = launch("--config", str(CONFIG), "--learner-nodes", "2", "--actor-nodes", "1",
+               "--gpus-per-node", "4", "--actor-tp", "2", "--run-dir", str(run_dir),
+               "--master-port", "29600", "--dry-run", "--learner.lr", "1e-6",
+               "--preset=grpo", env=env)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    # Dry run: nothing executed, nothing created.
+    assert not record.exists() and not run_dir.exists()
+    on = {line: re.match(r"srun --nodes=1 --ntasks=1 --overlap -w (node\d) bash -c ", line)
+          for line in out.splitlines() if not line.startswith("scp ")}
+    assert all(on.values()), [line for line, m in on.items() if not m]
+
+    def node(line: str) -> str:
+        return on[line].group(1)
+
+    [alloc] = process_lines(out, "allocator")
+    assert node(alloc) == "node1" and alloc.endswith("--network.bind_host 0.0.0.0'")
+    learners = [line for line in out.splitlines() if "torch.distributed.run" in line]
+    assert [node(x) for x in learners] == ["node2", "node3"]
+    for rank, line in enumerate(learners):
+        assert (f"--nnodes 2 --nproc_per_node 4 --node_rank {rank} --master_addr node2 "
+                "--master_port 29600 -m launch.cli learner") in line
+        assert "--network.bind_host 0.0.0.0 --network.allocator_host node1" in line
+    actors = process_lines(out, "actor")
+    assert [node(x) for x in actors] == ["node4", "node4"]  # 4 GPUs / TP 2
+    for i, (line, devices) in enumerate(zip(actors, ["0,1", "2,3"], strict=True)):
+        assert f"env CUDA_VISIBLE_DEVICES={devices} " in line and f"--index {i} " in line
+        assert "--actor.tensor_parallel_size 2" in line
+        assert "--network.allocator_host node1 --network.learner_host node2" in line
+    [keys] = process_lines(out, "keys")
+    assert node(keys) == "node1"
+    copies = [line for line in out.splitlines() if line.startswith("scp ")]
+    assert copies == [f"scp -pq -3 -o BatchMode=yes 'node1:{run_dir}/keys/*' "
+                      f"{n}:{run_dir}/.keys.incoming/" for n in ("node2", "node3", "node4")]
+    # Every process gets the run dir and the passthrough overrides.
+    for line in [alloc, *learners, *actors, keys]:
+        assert f"--run_dir {run_dir} --learner.lr 1e-6 --preset grpo" in line
+
+
+def test_host_file_dry_run_uses_ssh_slots_and_runs_this_machine_locally(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"# head first\n{socket.gethostname()}\nh1 slots=2\n\nh2 slots=4  # big\n"
+                     "h3\nh4\n")
+    run_dir = tmp_path / "run"
+    r = launch("--hostfile", str(hosts), "--config", str(CONFIG), "--actor-nodes", "2",
+               "--gpus-per-node", "1", "--run-dir", str(run_dir), "--dry-run",
+               "--model.path", str(fake_model(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    assert "unused: h4" in r.stderr
+    out = r.stdout
+    [alloc] = process_lines(out, "allocator")
+    assert alloc.startswith("launch/cluster.sh --child ")  # this machine: no ssh
+    [learner] = [line for line in out.splitlines() if "torch.distributed.run" in line]
+    assert learner.startswith(f"ssh -o BatchMode=yes h1 'cd {REPO} && launch/cluster.sh ")
+    assert "--nnodes 1 --nproc_per_node 2 --node_rank 0 --master_addr h1 " in learner
+    actors = process_lines(out, "actor")
+    assert [a.split()[3] for a in actors] == ["h2"] * 4 + ["h3"]  # slots=4, then default 1
+    assert [re.search(r"CUDA_VISIBLE_DEVICES=(\S+)", a).group(1) for a in actors] == \
+        ["0", "1", "2", "3", "0"]
+    assert [int(re.search(r"--index (\d+)", a).group(1)) for a in actors] == list(range(5))
+    # Keys: made here (the head), copied from here with scp -p, never shown.
+    [keys] = process_lines(out, "keys")
+    assert not keys.startswith("ssh")
+    assert [line for line in out.splitlines() if line.startswith("scp ")] == \
+        [f"scp -pq -o BatchMode=yes {run_dir}/keys/* {h}:{run_dir}/.keys.incoming/"
+         for h in ("h1", "h2", "h3")]
+
+
+@pytest.mark.parametrize("hosts, args, message", [
+    ("a\nb\nc\n", ["--learner-nodes", "2", "--actor-nodes", "1"],
+     "not enough hosts: 1 allocator + 2 learner + 1 actor node(s) need 4 hosts"),
+    ("a\nb\n", [], "need 3 hosts"),
+    ("a\nb\nc\n", ["--gpus-per-node", "3", "--actor-tp", "2"],
+     "3 GPUs per node is not divisible by --actor-tp 2"),
+    ("a\nb\nc slots=6\n", ["--actor-tp", "4"], "c: 6 GPUs per node is not divisible"),
+    ("a\n", ["--actor-nodes", "2"], "names one host, which runs every role only with"),
+    ("a\nb\nc\n", ["--config", "/nonexistent.toml"], "config file not found: /nonexistent"),
+    ("a\nb\nc\n", ["--learner.nope", "1"], "learner.nope"),
+    ("a\nb\nc\n", ["--learner-node", "1"], "unknown option --learner-node"),
+    ("a\nb\nc\n", ["--actor-tp", "0"], "--actor-tp must be a positive integer"),
+    ("a slots=x\n", [], "slots must be a positive integer"),
+    ("localhost\nb\nc\n", [], "name the head and the first learner node by addresses"),
+])
+def test_invalid_launches_fail_with_a_clear_error(tmp_path, hosts, args, message):
+    (tmp_path / "hosts").write_text(hosts)
+    r = launch("--hostfile", str(tmp_path / "hosts"), "--config", str(CONFIG),
+               "--gpus-per-node", "2", "--dry-run", *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert r.stdout == ""
+
+
+def test_without_slurm_or_host_file_it_asks_for_hosts():
+    r = launch("--config", str(CONFIG), "--dry-run")
+    assert r.returncode == 2 and "no hosts" in r.stderr
+
+
+def test_help_documents_every_option():
+    r = launch("--help")
+    assert r.returncode == 0
+    for option in OPTIONS:
+        assert re.search(rf"^\s+(-h, )?{option}\b", r.stdout, re.M), option
+    assert "--section.field" in r.stdout and "exactly one host" in r.stdout
+
+
+def test_an_existing_run_is_not_overwritten_and_resume_needs_a_checkpoint(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost\n")
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "LATEST").write_text("step0000003")
+    r = launch("--hostfile", str(hosts), "--config", str(CONFIG), "--gpus-per-node", "1",
+               "--run-dir", str(tmp_path / "old"))
+    assert r.returncode == 2 and "already holds a run; pass --resume" in r.stderr
+    r = launch("--hostfile", str(hosts), "--config", str(CONFIG), "--gpus-per-node", "1",
+               "--run-dir", str(tmp_path / "new"), "--resume")
+    assert r.returncode == 2 and "nothing to resume" in r.stderr
+    assert not (tmp_path / "new" / "keys").exists()
+
+
+def pids_of(run_dir: Path, pattern: str = "") -> list[int]:
+    r = subprocess.run(["pgrep", "-f", f"{pattern}{run_dir}"], capture_output=True, text=True)
+    return [int(p) for p in r.stdout.split()]
+
+
+@pytest.fixture
+def stand_in_python(tmp_path) -> Path:
+    """A `--python` whose components (allocator, learner, actor) are sleepers that each
+    start a child, so stopping must reach whole process trees; config reading and key
+    creation use the real interpreter."""
+    sleeper = ("import subprocess, sys, time; "
+               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)', "
+               "*sys.argv[1:]]); time.sleep(600)")
+    path = tmp_path / "python"
+    path.write_text(f"""#!/bin/bash
+case " $* " in
+    *" -c "*|*" launch.cli keys "*) exec {sys.executable} "$@" ;;
+    *) exec {sys.executable} -c "{sleeper}" "$@" ;;
+esac
+""")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def launchers():
+    """Launchers a test started; any still running at teardown get SIGTERM (they stop
+    their processes)."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            p.wait(timeout=60)
+
+
+def start_stand_ins(launchers: list, tmp_path: Path, python: Path, hosts: list[str],
+                    gpus: int, components: int, env: dict[str, str] | None = None):
+    (tmp_path / "hosts").write_text("\n".join(hosts) + "\n")
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [str(SCRIPT), "--hostfile", str(tmp_path / "hosts"), "--config", str(CONFIG),
+         "--gpus-per-node", str(gpus), "--run-dir", str(run_dir), "--python", str(python),
+         "--model.path", str(fake_model(tmp_path))],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, **(env or {})})
+    launchers.append(proc)
+    # Every component's own child is up: allocator, learner (torchrun stand-in), actors.
+    grandchildren = r"import time; time\.sleep\(600\) .*"
+    wait_for(lambda: len(pids_of(run_dir, grandchildren)) == components, 30,
+             f"{components} stand-in processes")
+    return proc, run_dir
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_stopping_the_launcher_stops_every_process_it_started(tmp_path, stand_in_python, sig,
+                                                             launchers):
+    proc, run_dir = start_stand_ins(launchers, tmp_path, stand_in_python, ["127.0.0.1"], gpus=2,
+                                    components=4)
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    wait_for(lambda: not pids_of(run_dir), 15, "every process to stop")
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, proc.stdout.read()
+
+
+def test_remote_hosts_get_the_keys_and_stop_with_the_launcher(tmp_path, stand_in_python,
+                                                              launchers):
+    """Two "remote" hosts reached through an ssh/scp that run here: the same run directory
+    on every host, as on a shared filesystem, where a key copy must not clobber its source."""
+    record = tmp_path / "called"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(f"""#!/bin/bash
+echo "ssh $*" >> {record}
+while [[ $1 == -o ]]; do shift 2; done
+shift
+exec bash -c "$*"
+""")
+    (bin_dir / "scp").write_text(f"""#!/bin/bash
+echo "scp $*" >> {record}
+paths=()
+while (($#)); do case $1 in -o) shift 2 ;; -*) shift ;; *) paths+=("${{1#*:}}"); shift ;; esac; done
+exec cp -p ${{paths[@]:0:${{#paths[@]}}-1}} "${{paths[-1]}}"
+""")
+    for tool in ("ssh", "scp"):
+        (bin_dir / tool).chmod(0o755)
+    proc, run_dir = start_stand_ins(
+        launchers, tmp_path, stand_in_python, [socket.gethostname(), "nodeA", "nodeB"], gpus=2,
+        components=4, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    calls = record.read_text()
+    assert "nodeA" in calls and "nodeB" in calls and "scp -pq" in calls
+    keys = sorted((run_dir / "keys").iterdir())
+    assert [k.name for k in keys] == sorted(f"{n}.key{s}" for n in ("actor", "learner", "server")
+                                            for s in ("", "_secret"))
+    for key in keys:
+        assert key.stat().st_size > 0 and stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    assert not (run_dir / ".keys.incoming").exists()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    wait_for(lambda: not pids_of(run_dir), 15, "every process to stop")
+    assert proc.returncode == 143
+
+
+def test_single_host_run_trains_and_leaves_no_process(tmp_path, tiny_model):
+    """The real stack on this machine only: allocator, learner (torchrun), vLLM CPU actor."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"{socket.gethostname()}\n")
+    run_dir = tmp_path / "run"
+    alloc, rollouts, weights, master = free_ports(4)
+    t0 = time.monotonic()
+    r = launch("--hostfile", str(hosts), "--config", str(CONFIG), "--gpus-per-node", "1",
+               "--learner-nodes", "1", "--actor-nodes", "1", "--run-dir", str(run_dir),
+               "--master-port", str(master), "--model.path", str(tiny_model),
+               "--learner.total_steps", "3", "--learner.eval_every", "0",
+               "--network.allocator_port", str(alloc), "--network.rollout_port", str(rollouts),
+               "--network.weights_port", str(weights), timeout=420)
+    logs = {p.name: p.read_text(errors="replace")[-3000:] for p in (run_dir / "logs").glob("*")}
+    assert r.returncode == 0, (r.stderr, logs)
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs] == [1, 2, 3]
+    assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "step0000003"
+    assert {p.name for p in (run_dir / "logs").glob("*.log")} == \
+        {"allocator.log", "learner-node0.log", "actor0.log"}
+    for key in (run_dir / "keys").iterdir():
+        if key.name.endswith("_secret"):
+            assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    assert not pids_of(run_dir)
+    print(f"single-host cluster run: {time.monotonic() - t0:.0f}s")
