@@ -124,6 +124,7 @@ class Actor:
     def _engine_loop(self) -> None:
         eng = self.engine
         waiting: deque[WorkGrant] = deque()  # granted, waiting for weights or capacity
+        max_applied = 0  # newest weights version this engine ever held
         active: dict[str, _Group] = {}  # "grant.lease" -> group being generated
         # The loop is hot (one engine step per iteration): consecutive iterations in the same
         # state (generate / wait_grant / wait_weights) are recorded as one span.
@@ -147,6 +148,7 @@ class Actor:
                 t = now_ns()
                 enter(None, t)
                 eng.load_weights(latest[1], latest[0])
+                max_applied = max(max_applied, latest[0])
                 t_end = now_ns()
                 record("apply_weights", t, t_end, version=latest[0])
                 self.weights_s += (t_end - t) / 1e9
@@ -160,7 +162,9 @@ class Actor:
                     break
             while waiting and len(active) < self.cfg.max_batch_grants:
                 g = waiting[0]
-                if g.issued_version > eng.version:
+                # A resumed learner may roll versions back: then work issued for a version we
+                # already held must not wait for it again (it would wait forever).
+                if g.issued_version > eng.version and eng.version >= max_applied:
                     break  # in order: wait for the weights this work was issued for
                 waiting.popleft()
                 key = f"{g.grant_id}.{g.lease_id}"

@@ -10,6 +10,7 @@ ranks write a checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -249,13 +250,15 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self, root: Path, tag: str, client_state: dict[str, Any], tokenizer_src: str,
              extra_files: list[Path] = ()) -> Path:
-        """All ranks: DeepSpeed state; rank 0: HF model dir, extras, then the LATEST pointer.
+        """All ranks: DeepSpeed state; rank 0: HF model dir, extras, a SHA-256 manifest of
+        every file, then the LATEST pointer.
 
-        LATEST is replaced atomically only after everything else is on disk, so a kill
-        during a save leaves the previous checkpoint the one that resumes.
+        LATEST is replaced atomically only after everything else (manifest included) is on
+        disk, so a kill during a save leaves the previous checkpoint the one that resumes.
         """
         self.engine.save_checkpoint(str(root), tag=tag, client_state=client_state,
                                     save_latest=False)
+        dist.barrier()  # every rank's shard is written before the manifest is
         if self.rank == 0:
             hf = root / tag / "hf"
             weights = dict(self.named_weights())
@@ -269,20 +272,75 @@ class Trainer:
                 if f.is_file():
                     shutil.copy(f, root / tag / f.name)
             (root / tag / "learner_state.json").write_text(json.dumps(client_state))
+            write_manifest(root / tag)
             tmp = root / "LATEST.tmp"
             tmp.write_text(tag)
-            tmp.replace(root / "LATEST")
+            os.replace(tmp, root / "LATEST")
         dist.barrier()
         return root / tag
 
     def load(self, root: Path) -> dict[str, Any] | None:
-        latest = root / "LATEST"
-        if not latest.is_file():
+        """Resume from the newest checkpoint whose files match its manifest (LATEST first);
+        a corrupt or half-written one is reported and skipped."""
+        box: list[str | None] = [None]
+        if self.rank == 0:
+            box[0] = pick_checkpoint(root)
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        tag = box[0]
+        if tag is None:
             return None
-        tag = latest.read_text().strip()
         _, client_state = self.engine.load_checkpoint(str(root), tag=tag)
         self.version = int(client_state["version"])
         return client_state
+
+
+MANIFEST = "manifest.sha256.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt: Path) -> None:
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {str(p.relative_to(ckpt)): _sha256(p) for p in files}
+    tmp = ckpt / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=0))
+    os.replace(tmp, ckpt / MANIFEST)
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None if every file matches the manifest, else what is wrong."""
+    mf = ckpt / MANIFEST
+    if not mf.is_file():
+        return f"{ckpt.name}: no {MANIFEST} (incomplete save)"
+    for rel, digest in json.loads(mf.read_text()).items():
+        p = ckpt / rel
+        if not p.is_file():
+            return f"{ckpt.name}: missing {rel}"
+        if _sha256(p) != digest:
+            return f"{ckpt.name}: checksum mismatch in {rel}"
+    return None
+
+
+def pick_checkpoint(root: Path) -> str | None:
+    latest = root / "LATEST"
+    if not latest.is_file():
+        return None
+    first = latest.read_text().strip()
+    others = sorted((p.name for p in root.iterdir() if p.is_dir() and p.name != first),
+                    reverse=True)
+    for tag in [first, *others]:
+        problem = verify_checkpoint(root / tag)
+        if problem is None:
+            return tag
+        log.error("checkpoint not usable, trying an older one: %s", problem)
+    raise RuntimeError(f"no checkpoint in {root} passes its checksums")
 
 
 def metrics_line(step: int, version: int, groups: list[RolloutGroup], stats: dict[str, float],

@@ -46,6 +46,7 @@ class Receiver:
         self.publisher = WeightPublisher(self.wsock)
         self.groups: list[tuple[float, RolloutGroup]] = []
         self.version = 0
+        self.gate: int | None = 0  # consumption reported to the allocator is capped here
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -61,6 +62,8 @@ class Receiver:
             if time.monotonic() - last > 0.2:
                 with self.lock:
                     n = len(self.groups)
+                if self.gate is not None:
+                    n = min(n, self.gate)
                 send(self.alloc, LearnerProgress(version=self.version, consumed_groups=n,
                                                  consumed_samples=0, dropped_stale=0))
                 last = time.monotonic()
@@ -161,6 +164,11 @@ def test_behaviour_logprobs_match_a_transformers_recompute(stack):
 
 def test_streamed_stats_shift_later_budgets_towards_uncertain_problems(stack):
     rx = stack["receiver"]
+    # The gate held the allocator at one epoch (pacing window 2B = 16 problems); open it
+    # once every first-epoch report has landed, so epoch-2 budgets see all of them.
+    wait_for(lambda: json.loads((stack["run_dir"] / "allocator_status.json").read_text())
+             ["counters"].get("report_accepted", 0) >= 2 * B, 60, "epoch-1 reports")
+    rx.gate = None
     groups = rx.wait_groups(4 * B)  # two epochs of the 16-problem set
     first = {}
     for g in groups:
