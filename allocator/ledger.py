@@ -7,8 +7,8 @@ Invariants:
 - A grant whose lease expires goes back to the front of the queue with a new lease id, so
   the work of a dead or stopped actor is re-issued, never lost.
 - Pacing: groups issued but not yet consumed by the learner never exceed
-  (max_staleness + 1) x prompts_per_step, so in steady state no group arrives at the learner
-  more than max_staleness versions old.
+  max(max_staleness, 1) x prompts_per_step, so in steady state no group arrives at the
+  learner more than max_staleness versions old.
 - Budgets of a round are computed from the statistics at the moment the round is formed.
 """
 
@@ -53,7 +53,11 @@ class Ledger:
         self.cfg = cfg
         self.rule = rule
         self.verifier = verifier
-        self.window = (max_staleness + 1) * prompts_per_step
+        # At most max_staleness steps of work outstanding. An actor may hold weights one
+        # version behind the learner when it starts a grant, so a window of s steps keeps the
+        # tokens of a group at most s versions old when trained; synchronous mode (s = 0)
+        # issues one step at a time and actors wait for that step's weights.
+        self.window = max(max_staleness, 1) * prompts_per_step
         self.stats = ProblemStats(len(problems), half_life=cfg.stats_half_life)
         self.epoch = 0
         self.cursor = 0  # position in the current epoch's permutation
@@ -67,6 +71,7 @@ class Ledger:
         self.learner_version = 0
         self.consumed_groups = 0
         self.counters: Counter[str] = Counter()
+        self.last_seen: dict[str, float] = {}  # actor id -> last request or heartbeat
 
     # ------------------------------------------------------------------ rounds
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -102,8 +107,18 @@ class Ledger:
         """Groups issued that the learner has not consumed yet."""
         return self.issued_groups - self.consumed_groups
 
+    def fair_share(self, actor_id: str, now: float) -> int:
+        """Most grants one actor may hold: the pacing window split over the live actors, so
+        one greedy actor cannot take all the work while another idles (and a stopped one
+        holds little that must wait for its lease to expire)."""
+        self.last_seen[actor_id] = now
+        live = sum(1 for t in self.last_seen.values() if now - t <= self.cfg.lease_s)
+        held = sum(1 for g in self.grants.values() if g.actor_id == actor_id)
+        return max(1, -(-self.window // live)) - held
+
     def request(self, actor_id: str, want: int, now: float) -> list[WorkGrant] | NoWork:
         out: list[WorkGrant] = []
+        want = min(want, self.fair_share(actor_id, now))
         while len(out) < want:
             if not self.queue:
                 # Only fresh work is paced; re-issued grants were counted when first issued.
@@ -154,6 +169,7 @@ class Ledger:
 
     def heartbeat(self, actor_id: str, in_flight: list[int], now: float) -> None:
         """Renew the leases an alive actor still holds."""
+        self.last_seen[actor_id] = now
         for gid in in_flight:
             g = self.grants.get(gid)
             if g is not None and g.actor_id == actor_id and g.deadline > now:

@@ -54,12 +54,14 @@ def write_snapshot(ledger: Ledger, run_dir: Path) -> Path:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
-    (run_dir / "allocator_status.json").write_text(json.dumps({
+    status = run_dir / f"allocator_status.json.tmp{os.getpid()}"  # replaced atomically:
+    status.write_text(json.dumps({
         "time": time.time(), "epoch": ledger.epoch, "round": ledger.round,
         "learner_version": ledger.learner_version, "issued_groups": ledger.issued_groups,
         "completed_groups": ledger.completed_groups, "outstanding": ledger.outstanding(),
         "queue": len(ledger.queue), "stats": ledger.stats.describe(),
         "counters": dict(ledger.counters)}, indent=1))
+    status.replace(run_dir / "allocator_status.json")  # readers never see a partial file
     return path
 
 

@@ -95,8 +95,8 @@ class Intake:
                 self.counters["dropped_stale"] += 1
                 self.counters["consumed"] += 1
                 self.seen.add(g.grant_id)
-                log.info("dropped group %d: oldest token v%d, learner v%d, bound %d",
-                         g.grant_id, oldest, version, max_staleness)
+                log.info("dropped group %d from %s: oldest token v%d, learner v%d, bound %d",
+                         g.grant_id, g.actor_id, oldest, version, max_staleness)
                 continue
             self.seen.add(g.grant_id)
             self.counters["consumed"] += 1

@@ -92,7 +92,7 @@ def stack(tiny_model, tmp_path_factory):
         run_dir, tiny_model, preset="dynamo",
         task={"num_problems": 16, "num_eval_problems": 8},
         allocator={"batch_prompts": B, "n_mean": N_MEAN, "n_min": N_MIN, "n_max": N_MAX,
-                   "initial_budget": N_MIN, "lease_s": 6.0, "max_staleness": 1,
+                   "initial_budget": N_MIN, "lease_s": 6.0, "max_staleness": 2,
                    "snapshot_every_s": 0.5},
         actor={"temperature": TEMPERATURE, "prefetch_grants": 4, "max_batch_grants": 4,
                "heartbeat_s": 0.5},

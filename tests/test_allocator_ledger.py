@@ -132,14 +132,26 @@ def test_heartbeat_renews_only_the_holders_live_leases() -> None:
 
 def test_pacing_holds_fresh_work_until_the_learner_consumes() -> None:
     led = ledger(max_staleness=0, prompts_per_step=4)
-    assert len(grants(led, 3)) == 3
-    assert len(grants(led, 5)) == 1  # window of 4 groups
+    first = grants(led, 3)
+    assert len(first) == 3
+    first += grants(led, 5)
+    assert len(first) == 4  # window of 4 groups
     paced = led.request("a", 1, 0.0)
     assert isinstance(paced, NoWork) and "4 groups outstanding" in paced.reason
+    for g in first:
+        assert led.report(report_of(g)) == "accepted"
     led.progress(version=1, consumed_groups=4)
     more = grants(led, 8, now=1.0)
     assert len(more) == 4
     assert all(g.issued_version == 1 for g in more)
+
+
+def test_live_actors_share_the_window_fairly() -> None:
+    led = ledger(max_staleness=2, prompts_per_step=4)  # window of 8 groups
+    led.heartbeat("b", [], now=0.0)  # two live actors
+    assert len(grants(led, 100, actor="a")) == 4  # a greedy request gets its half
+    assert len(grants(led, 100, actor="b")) == 4
+    assert isinstance(led.request("a", 1, 0.0), NoWork)
 
 
 def test_pacing_still_reissues_expired_work() -> None:
