@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import signal
 import time
@@ -153,7 +154,20 @@ def test_stopped_actor_is_partitioned_its_work_reissued_and_late_results_ignored
     s = stack_factory(actors=2, allocator={"lease_s": 4.0})
     wait_for(lambda: last_step(s.run_dir) >= 2, 300, "two learner steps")
     victim = s.actors[0].p.pid
-    os.kill(victim, signal.SIGSTOP)  # a partition longer than the lease
+    victim_id = last_record(s.run_dir / "metrics_actor0.jsonl")["actor"]
+
+    def victim_holds_work() -> bool:  # per the allocator's snapshot (every 0.5 s)
+        with (s.run_dir / "allocator_state.pkl").open("rb") as f:
+            return any(g["actor_id"] == victim_id for g in pickle.load(f)["grants"])
+
+    for _ in range(20):  # stop it while it holds leases (a partition longer than the lease)
+        os.kill(victim, signal.SIGSTOP)
+        time.sleep(1.2)
+        if victim_holds_work():
+            break
+        os.kill(victim, signal.SIGCONT)
+        time.sleep(0.5)
+    assert victim_holds_work()
     wait_for(lambda: status(s.run_dir)["counters"].get("leases_expired", 0) >= 1, 60,
              "its leases to expire")
     step = last_step(s.run_dir)
