@@ -33,4 +33,7 @@ class LearnerConfig(BaseModel):
     weight_chunk_mib: float = Field(8.0, gt=0, description="weight message chunk size")
     checkpoint_every: int = Field(20, ge=1, description="checkpoint every k steps")
     eval_every: int = Field(10, ge=0, description="held-out evaluation every k steps (0: off)")
+    grad_variance_every: int = Field(
+        0, ge=0, description="every k versions, estimate gradient variance by split-half "
+        "(one extra forward/backward; 0: off)")
     seed: int = Field(0, description="torch seed")

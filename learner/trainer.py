@@ -140,6 +140,8 @@ class Trainer:
         dist.all_reduce(n_global)
         n_global_f = float(n_global.item())
         stats["zero_signal_groups"] = float(len(zero_groups))
+        stats["signal_samples"] = float(sum(g.n for i, g in enumerate(groups)
+                                            if i not in zero_groups))
         if n_global_f == 0:
             # Nothing carries signal on any rank: no update, the version does not move.
             stats["skipped_step"] = 1.0
@@ -164,6 +166,10 @@ class Trainer:
                     stats["mismatch/current_version_tokens"] = float(cur.sum())
             adv, _ = group_advantages(batch.rewards, batch.group_ids)
             slices = micro_batches(batch.mask.shape[0], self.cfg.micro_batch_seqs)
+            every = self.cfg.grad_variance_every
+            if every and self.version % every == 0 and self.world == 1 \
+                    and self.cfg.zero_stage <= 1:
+                stats.update(self.split_half_variance(batch, logp_old, adv))
         else:
             slices = []
         t2 = time.perf_counter()
@@ -207,6 +213,44 @@ class Trainer:
             "time/optimizer": t4 - t3,
         })
         return stats
+
+    def split_half_variance(self, batch: Batch, logp_old: torch.Tensor,
+                            adv: torch.Tensor) -> dict[str, float]:
+        """Diagnostic: the step's gradient computed separately on two halves of its groups
+        (even / odd group ids). With g = (g_A + g_B) / 2, E||g_A - g_B||^2 / 4 estimates the
+        total variance tr Var(g) of the step's gradient; also reported relative to ||g||^2.
+        Costs one extra forward/backward of the batch; no parameter changes."""
+        module = self.engine.module
+        params = [p for p in module.parameters() if p.requires_grad]
+        halves = []
+        for parity in (0, 1):
+            rows = torch.nonzero(batch.group_ids % 2 == parity).flatten()
+            if rows.numel() == 0:
+                return {}
+            half = batch.rows(rows)
+            n_tok = max(half.num_tokens, 1)
+            grads = [torch.zeros_like(p) for p in params]
+            for sl in micro_batches(half.mask.shape[0], self.cfg.micro_batch_seqs):
+                mb = half.rows(sl)
+                w = mb.mask.shape[1]
+                idx = rows[sl]
+                logits = self._logits(mb, module)
+                logp, H = logprobs_and_entropy(logits, mb.targets.to(self.device))
+                loss, _ = dynamo_loss(logp, H, logp_old[idx, :w].to(self.device),
+                                      mb.logp_behaviour.to(self.device),
+                                      adv[idx].to(self.device), mb.mask.to(self.device),
+                                      self.objective, n_tokens_total=n_tok)
+                for acc, g in zip(grads, torch.autograd.grad(loss, params, allow_unused=True),
+                                  strict=True):
+                    if g is not None:
+                        acc += g.detach()
+            halves.append(grads)
+        diff = sum(float((a - b).double().pow(2).sum()) for a, b in zip(*halves, strict=True))
+        mean = sum(float(((a + b) / 2).double().pow(2).sum()) for a, b in zip(*halves,
+                                                                               strict=True))
+        var = diff / 4
+        return {"grad/split_half_var": var, "grad/mean_sq_norm": mean,
+                "grad/relative_var": var / max(mean, 1e-30)}
 
     @torch.no_grad()
     def _grad_norm(self) -> float:
