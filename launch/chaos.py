@@ -1,0 +1,140 @@
+"""Chaos run: the real stack with faults injected at random, then an exactly-once audit.
+
+    .venv/bin/python -m launch.chaos configs/default.toml --minutes 5 --actors 2 \
+        [--run_dir runs/chaos] [--section.field value ...]
+
+Starts allocator, learner and actors as separate processes (like `dynamo-rl run`), then
+every `--every` seconds picks one fault: SIGKILL an actor (a replacement starts), SIGSTOP an
+actor for longer than its lease (a partition; then SIGCONT), SIGKILL + restart the
+allocator, SIGKILL + resume the learner from its checkpoint, or SIGSTOP the learner (a slow
+learner). At the end it stops everything and prints what happened and the audit: learner
+steps, groups dropped and why, reports refused (late / duplicate), leases re-issued,
+accepted reports == completed groups (exactly once), peak RSS per role.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+from launch.cli import ensure_run_keys, model_path, split_overrides
+from launch.config import dump_config, load_config
+from launch.local import Child, child_env, shutdown
+
+FAULTS = ("kill_actor", "partition_actor", "restart_allocator", "resume_learner",
+          "stall_learner")
+
+
+def rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    own, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m launch.chaos", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", nargs="?")
+    ap.add_argument("--minutes", type=float, default=5.0)
+    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--every", type=float, default=20.0, help="seconds between faults")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(own)
+    cfg = load_config(args.config, ["--learner.total_steps", "1000000",
+                                    "--learner.checkpoint_every", "5", *overrides])
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dump_config(cfg))
+    if cfg.network.curve:
+        ensure_run_keys(run_dir)
+    model_path(cfg)
+    env, py, cfg_file = child_env(), [sys.executable, "-m", "launch.cli"], str(
+        run_dir / "config.toml")
+    logs = run_dir / "logs"
+
+    def child(role: str, *extra: str) -> Child:
+        name = role + "".join(extra[1:2])
+        c = Child(name, [*py, role, cfg_file, *extra], logs / f"{name}.log", env)
+        c.start()
+        return c
+
+    alloc = child("allocator")
+    learner = child("learner")
+    actors = [child("actor", "--index", str(i)) for i in range(args.actors)]
+    rng = random.Random(args.seed)
+    peak: dict[str, int] = {}
+    events: list[str] = []
+    t_end = time.monotonic() + 60 * args.minutes
+    next_fault = time.monotonic() + args.every
+    try:
+        while time.monotonic() < t_end:
+            time.sleep(0.5)
+            for role, cs in (("allocator", [alloc]), ("learner", [learner]), ("actor", actors)):
+                for c in cs:
+                    peak[role] = max(peak.get(role, 0), rss(c.proc.pid))
+            for i, a in enumerate(actors):
+                if not a.alive():
+                    actors[i] = child("actor", "--index", str(i))
+            if time.monotonic() < next_fault:
+                continue
+            next_fault = time.monotonic() + args.every
+            fault = rng.choice(FAULTS)
+            events.append(f"{time.strftime('%H:%M:%S')} {fault}")
+            print(f"[chaos] {events[-1]}", flush=True)
+            if fault == "kill_actor":
+                os.kill(rng.choice(actors).proc.pid, signal.SIGKILL)
+            elif fault == "partition_actor":
+                victim = rng.choice(actors).proc.pid
+                os.kill(victim, signal.SIGSTOP)
+                time.sleep(cfg.allocator.lease_s + 5)
+                os.kill(victim, signal.SIGCONT)
+            elif fault == "restart_allocator":
+                alloc.proc.kill()
+                alloc.proc.wait()
+                alloc = child("allocator")
+            elif fault == "resume_learner":
+                learner.proc.kill()
+                learner.proc.wait()
+                learner = child("learner")
+            else:
+                os.kill(learner.proc.pid, signal.SIGSTOP)
+                time.sleep(15)
+                os.kill(learner.proc.pid, signal.SIGCONT)
+    finally:
+        shutdown([learner], 120)
+        shutdown([*actors, alloc], 30)
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if x.endswith("}")] if (run_dir / "metrics.jsonl").exists() else []
+    status = json.loads((run_dir / "allocator_status.json").read_text())
+    c = status["counters"]
+    last = recs[-1] if recs else {}
+    audit = {
+        "faults": events, "learner_steps": last.get("step", 0),
+        "dropped_stale": last.get("dropped/stale", 0),
+        "dropped_duplicate": last.get("dropped/duplicate", 0),
+        "reports_accepted": c.get("report_accepted", 0),
+        "completed_groups": status["completed_groups"],
+        "exactly_once": c.get("report_accepted", 0) == status["completed_groups"],
+        "reports_refused": {k: c.get(k, 0) for k in ("report_late", "report_duplicate",
+                                                      "report_unknown", "report_mismatch")},
+        "leases_expired": c.get("leases_expired", 0),
+        "groups_lost_to_learner_restart": c.get("groups_lost_to_learner_restart", 0),
+        "peak_rss_mib": {k: v >> 20 for k, v in peak.items()},
+    }
+    print(json.dumps(audit, indent=1))
+    return 0 if audit["exactly_once"] and audit["learner_steps"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
