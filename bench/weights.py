@@ -85,7 +85,7 @@ def raw_bound(nbytes: int, chunk: int, receivers: int, repeats: int = 3) -> floa
 
 
 def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path
-                 ) -> tuple[list[float], int]:
+                 ) -> tuple[list[float], list[float], int]:
     cfg_path = make_config(tmp, model, network={"curve": False},
                            allocator={"max_staleness": 1000},
                            actor={"kv_cache_gib": 0.25, "max_batch_grants": 4,
@@ -114,7 +114,7 @@ def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path
             send(asock, LearnerProgress(version=0, consumed_groups=received[0],
                                         consumed_samples=0, dropped_stale=0))
 
-    lat, nbytes = [], 0
+    lat, pack, nbytes = [], [], 0
     try:
         wait_for(lambda: (drain(time.monotonic() + 0.5), received[0] > 4 * actors)[1], 300,
                  "actors generating")
@@ -122,6 +122,7 @@ def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path
         for v in range(1, versions + 1):
             t0 = time.time()
             ann = pub.publish(v, named, chunk_bytes=chunk)
+            pack.append(time.time() - t0)  # flatten + SHA-256 on the learner side
             nbytes = ann.total_bytes
 
             def applied(v: int = v) -> list[float] | None:
@@ -144,7 +145,7 @@ def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path
         for s in (pull, wsock, asock):
             s.close(linger=0)
         ctx.term()
-    return lat, nbytes
+    return lat, pack, nbytes
 
 
 def main() -> None:
@@ -160,15 +161,17 @@ def main() -> None:
                                       max_position_embeddings=64),
         }
         for name, path in models.items():
-            lat, nbytes = sync_latency(path, actors, 3, chunk, d / name)
+            lat, pack, nbytes = sync_latency(path, actors, 3, chunk, d / name)
             bound = raw_bound(nbytes, chunk, actors)
             med = statistics.median(lat)
             runs = [round(x * 1e3) for x in lat]
             print(f"{name:5s} {nbytes / 1e6:8.1f} MB x {actors} actors: step end -> all "
                   f"actors on new weights {med * 1e3:8.1f} ms (runs {runs}); "
-                  f"raw pyzmq bound {bound * 1e3:8.1f} ms; ratio {med / bound:5.2f}")
+                  f"raw pyzmq bound {bound * 1e3:8.1f} ms; ratio {med / bound:5.2f}; of which "
+                  f"learner-side pack+hash {statistics.median(pack) * 1e3:.0f} ms")
             out[name] = {"bytes": nbytes, "sync_ms": round(med * 1e3, 1),
-                         "bound_ms": round(bound * 1e3, 1), "ratio": round(med / bound, 2)}
+                         "bound_ms": round(bound * 1e3, 1), "ratio": round(med / bound, 2),
+                         "pack_ms": round(statistics.median(pack) * 1e3, 1)}
     out["target_ratio"] = 2.0
     print(json.dumps(out))
 

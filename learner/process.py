@@ -136,6 +136,11 @@ def run_learner(s: LearnerSetup) -> int:
                 assert intake is not None
                 groups = intake.take(cfg.prompts_per_step, trainer.version, s.max_staleness,
                                      on_wait=heartbeat, stop=stop)
+                if s.max_staleness >= 1:
+                    # Async: report the take now, so the allocator issues the next step's
+                    # work while this one trains (generation overlaps training). In sync mode
+                    # the report waits for the new weights (after the step).
+                    heartbeat()
             box = [groups]
             if world > 1:
                 dist.broadcast_object_list(box, src=0)
