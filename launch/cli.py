@@ -112,6 +112,12 @@ def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
     from tasks.problems import load_task
 
     setup_logging(f"learner{os.environ.get('RANK', '0')}")
+    if os.environ.get("DYNAMO_CPU_AFFINITY"):  # set by the local launcher on CPU machines
+        import torch
+
+        cores = {int(c) for c in os.environ["DYNAMO_CPU_AFFINITY"].split(",")}
+        os.sched_setaffinity(0, cores)
+        torch.set_num_threads(len(cores))
     _, held_out = load_task(cfg.task)
     keys, clients = run_keys(cfg, "learner")
     net = cfg.network

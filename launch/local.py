@@ -86,6 +86,24 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def cpu_partition() -> tuple[str, str] | None:
+    """On a CPU-only machine, (actor cores, learner cores) as "a-b" ranges: vLLM's OpenMP
+    threads are bound to every core by default and spin, so a learner sharing those cores
+    slows down several-fold. Splitting the cores lets generation and training overlap.
+    None on GPU machines, with fewer than 2 cores, or with DYNAMO_NO_CPU_PARTITION=1."""
+    import torch
+
+    cores = sorted(os.sched_getaffinity(0))
+    if torch.cuda.is_available() or len(cores) < 2 or os.environ.get("DYNAMO_NO_CPU_PARTITION"):
+        return None
+    half = len(cores) // 2
+
+    def span(cs: list[int]) -> str:
+        return ",".join(str(c) for c in cs)
+
+    return span(cores[:half]), span(cores[half:])
+
+
 class Progress:
     """Follows metrics.jsonl and prints one line per learner step; tokens/s and the ETA are
     measured over the last `window` steps, so they follow the run's current pace."""
@@ -159,18 +177,24 @@ def run_local(cfg: RunConfig, resume: str | None = None) -> int:
     py = [sys.executable, "-m", "launch.cli"]
     env = child_env()
     logs = run_dir / "logs"
+    part = cpu_partition()
+    actor_env, learner_env = dict(env), dict(env)
+    if part is not None:
+        actor_env["VLLM_CPU_OMP_THREADS_BIND"] = part[0]
+        learner_env["DYNAMO_CPU_AFFINITY"] = part[1]
+        print(f"[run] CPU cores: actors {part[0]}, learner {part[1]}", flush=True)
     alloc = Child("allocator", [*py, "allocator", cfg_file], logs / "allocator.log", env)
     # Learner ranks are our own children (not torchrun's), so each dies with the launcher.
     master_port = _free_port()
     learners = []
     for rank in range(cfg.learner.ranks):
-        renv = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank),
+        renv = {**learner_env, "RANK": str(rank), "LOCAL_RANK": str(rank),
                 "WORLD_SIZE": str(cfg.learner.ranks), "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(master_port)}
         name = "learner" if rank == 0 else f"learner{rank}"
         learners.append(Child(name, [*py, "learner", cfg_file], logs / f"{name}.log", renv))
     actors = [Child(f"actor{i}", [*py, "actor", cfg_file, "--index", str(i)],
-                    logs / f"actor{i}.log", env) for i in range(cfg.actor.num_actors)]
+                    logs / f"actor{i}.log", actor_env) for i in range(cfg.actor.num_actors)]
     children = [alloc, *learners, *actors]
     stopping = {"signal": None}
 
