@@ -195,6 +195,7 @@ class WeightReceiver:
         self._ann: WeightAnnounce | None = None
         self._blob: bytearray | None = None
         self._got = 0
+        self._hash = hashlib.sha256()
 
     def hello(self) -> WeightAck:
         """First message (and the one re-sent after a reconnect): what this actor holds."""
@@ -207,6 +208,7 @@ class WeightReceiver:
                 self.counters["stale_announce"] += 1  # may legitimately roll versions back
                 return [], None
             self._ann, self._blob, self._got = msg, bytearray(msg.total_bytes), 0
+            self._hash = hashlib.sha256()  # fed chunk by chunk: verification overlaps transfer
             return [], None
         ann = self._ann
         if ann is None or msg.version != ann.version or msg.index != self._got:
@@ -220,11 +222,12 @@ class WeightReceiver:
             return self._restart(ann)
         assert self._blob is not None
         self._blob[lo:lo + want] = data
+        self._hash.update(data)
         self._got += 1
         ack = WeightAck(actor_id=self.actor_id, version=ann.version, next_index=self._got)
         if self._got < ann.n_chunks:
             return [ack], None
-        if hashlib.sha256(self._blob).hexdigest() != ann.sha256:
+        if self._hash.hexdigest() != ann.sha256:
             self.counters["checksum_mismatch"] += 1
             log.error("weights v%d failed the checksum; re-requesting", ann.version)
             return self._restart(ann)
