@@ -27,6 +27,9 @@ from protocol.messages import NoWork, StatsReport, WorkGrant
 from tasks.problems import Problem
 
 
+RESTORE_ID_GAP = 1 << 24  # more grants than any snapshot period issues
+
+
 @dataclass(slots=True)
 class Grant:
     grant_id: int
@@ -231,3 +234,8 @@ class Ledger:
         self.queue = deque(s["queue"])
         self.counters = Counter(s["counters"])
         self.counters["restored"] += 1
+        # Grants and leases issued after the snapshot and before the crash are unknown here;
+        # skip far past them so no id is ever reused (the learner de-duplicates by grant id,
+        # and a stale report must never match a new lease). Their reports count as unknown.
+        self.next_grant_id += RESTORE_ID_GAP
+        self.next_lease_id += RESTORE_ID_GAP
