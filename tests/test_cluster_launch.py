@@ -235,7 +235,7 @@ def test_stopping_the_launcher_stops_every_process_it_started(tmp_path, stand_in
     proc, run_dir = start_stand_ins(launchers, tmp_path, stand_in_python, ["127.0.0.1"], gpus=2,
                                     components=4)
     proc.send_signal(sig)
-    proc.wait(timeout=30)
+    proc.wait(timeout=150)  # the learner gets up to 120 s to write its final checkpoint
     wait_for(lambda: not pids_of(run_dir), 15, "every process to stop")
     if sig == signal.SIGINT:
         assert proc.returncode == 130, proc.stdout.read()
@@ -274,7 +274,7 @@ exec cp -p ${{paths[@]:0:${{#paths[@]}}-1}} "${{paths[-1]}}"
         assert key.stat().st_size > 0 and stat.S_IMODE(key.stat().st_mode) == 0o600, key
     assert not (run_dir / ".keys.incoming").exists()
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
+    proc.wait(timeout=150)  # the learner gets up to 120 s to write its final checkpoint
     wait_for(lambda: not pids_of(run_dir), 15, "every process to stop")
     assert proc.returncode == 143
 
