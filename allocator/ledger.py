@@ -26,7 +26,6 @@ from allocator.stats import ProblemStats
 from protocol.messages import NoWork, StatsReport, WorkGrant
 from tasks.problems import Problem
 
-
 RESTORE_ID_GAP = 1 << 24  # more grants than any snapshot period issues
 
 

@@ -90,3 +90,11 @@ def shard(groups: list[RolloutGroup], rank: int, world: int) -> list[RolloutGrou
 
 def micro_batches(n_rows: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n_rows)) for i in range(0, n_rows, size)]
+
+
+def micro_batches_by_length(batch: Batch, size: int) -> list[torch.Tensor]:
+    """Row indices of micro-batches of similar length (longest first): each micro-batch is
+    trimmed to its own longest row, so grouping by length wastes little compute on padding.
+    Row order does not matter to the loss: advantages follow each row's group id."""
+    order = torch.argsort(batch.attention_mask.sum(1), descending=True, stable=True)
+    return [order[i:i + size] for i in range(0, len(order), size)]

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from learner.batch import Batch, build_batch, micro_batches
+from learner.batch import Batch, build_batch, micro_batches, micro_batches_by_length
 from learner.config import LearnerConfig
 from learner.objective import (
     ObjectiveConfig,
@@ -52,7 +52,10 @@ def init_distributed() -> tuple[int, int]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        # one GPU per rank; object collectives under NCCL use the current device
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
@@ -106,15 +109,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ forward
     def _logits(self, mb: Batch, module) -> torch.Tensor:
-        out = module(input_ids=mb.input_ids.to(self.device),
-                     attention_mask=mb.attention_mask.to(self.device))
+        # Rows are right-padded, so under causal attention no real token sees a pad: the
+        # padding mask changes nothing we read (pad positions are masked out of the loss).
+        # Leaving it out lets SDPA take its fused causal kernel instead of a masked one.
+        out = module(input_ids=mb.input_ids.to(self.device))
         return out.logits[:, :-1].float() / self.temperature
 
     @torch.no_grad()
     def recompute_logprobs(self, batch: Batch) -> torch.Tensor:
         """log πold of every target token with the weights at the start of the step."""
         out = torch.zeros(batch.mask.shape, dtype=torch.float32)
-        for sl in micro_batches(batch.mask.shape[0], self.cfg.micro_batch_seqs):
+        for sl in micro_batches_by_length(batch, self.cfg.micro_batch_seqs):
             mb = batch.rows(sl)
             lp = sampled_logprobs(self._logits(mb, self.engine.module), mb.targets.to(self.device))
             out[sl, : lp.shape[1]] = lp.cpu()
@@ -136,7 +141,8 @@ class Trainer:
                         if not (self.objective.skip_zero_signal and i in zero_groups)]
         batch = build_batch(train_groups, self.pad_id) if train_groups else None
         n_local = batch.num_tokens if batch is not None else 0
-        n_global = torch.tensor([float(n_local)])
+        # NCCL reduces only device tensors; gloo takes CPU ones (self.device is either)
+        n_global = torch.tensor([float(n_local)], device=self.device)
         dist.all_reduce(n_global)
         n_global_f = float(n_global.item())
         stats["zero_signal_groups"] = float(len(zero_groups))
@@ -165,7 +171,7 @@ class Trainer:
                     stats["mismatch/current_version_max_abs"] = float(d.max())
                     stats["mismatch/current_version_tokens"] = float(cur.sum())
             adv, _ = group_advantages(batch.rewards, batch.group_ids)
-            slices = micro_batches(batch.mask.shape[0], self.cfg.micro_batch_seqs)
+            slices = micro_batches_by_length(batch, self.cfg.micro_batch_seqs)
             every = self.cfg.grad_variance_every
             if every and self.version % every == 0 and self.world == 1 \
                     and self.cfg.zero_stage <= 1:
