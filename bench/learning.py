@@ -39,7 +39,7 @@ def one_run(preset: str, seed: int, args, tmp: Path, model: Path) -> list[dict]:
         run_dir, model, preset=preset,
         task={"num_problems": args.problems, "num_eval_problems": 512},
         allocator={"batch_prompts": 32, "n_mean": 8, "n_min": 4, "n_max": 16,
-                   "max_staleness": 1, "seed": seed},
+                   "max_staleness": 1, "seed": seed, **args.alloc},
         actor={"seed": seed},
         learner={"total_steps": args.steps, "prompts_per_step": 32, "lr": args.lr,
                  "eval_every": args.eval_every, "checkpoint_every": 10**6, "seed": seed,
@@ -79,9 +79,20 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=512)
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--out", default="bench/learning.png")
+    ap.add_argument("--alloc", action="append", default=[], metavar="KEY=VALUE",
+                    help="allocator setting for every run (repeatable), e.g. rule=std or "
+                    "stats_half_life=64; values are parsed as JSON where they parse")
     ap.add_argument("--runs-out", default=None,
                     help="also write every run's summary (curves, buckets) to this JSON file")
     args = ap.parse_args()
+    alloc = {}
+    for kv in args.alloc:
+        key, _, raw = kv.partition("=")
+        try:
+            alloc[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            alloc[key] = raw
+    args.alloc = alloc
     model = ensure_embedded_model(_ROOT / ".cache/models", 600, 0, progress=False)
     presets = args.presets.split(",")
     res: dict[str, list[dict]] = {p: [] for p in presets}

@@ -492,14 +492,13 @@ _TENSOR = Record(TensorMeta, (
 @dataclass(slots=True, frozen=True, eq=False)
 class WeightAnnounce(Message):
     """Start of a weight transfer: the blob is sent as n_chunks chunks of chunk_bytes (last may
-    be shorter); `tensors` lays the blob out; sha256 is of the whole blob."""
+    be shorter); `tensors` lays the blob out. Each chunk carries its own checksum."""
 
     TYPE: ClassVar[str] = "WeightAnnounce"
     version: int = wire(_VERSION)
     total_bytes: int = wire(_COUNT)
     chunk_bytes: int = wire(Int(lo=1, hi=MAX_CHUNK_BYTES))
     n_chunks: int = wire(_COUNT)
-    sha256: str = wire(Str(64, min_len=64, pattern="[0-9a-f]{64}"))
     tensors: list[TensorMeta] = wire(ListOf(_TENSOR, LIST_LEN))
 
     def _check(self) -> None:
@@ -529,12 +528,15 @@ class WeightAnnounce(Message):
 @register
 @dataclass(slots=True, frozen=True, eq=False)
 class WeightChunk(Message):
-    """Chunk `index` of the blob announced for `version` (bytes [index * chunk_bytes, ...))."""
+    """Chunk `index` of the blob announced for `version` (bytes [index * chunk_bytes, ...));
+    `crc32` of `data` (zlib's), checked on arrival: an end-to-end check against transport or
+    reassembly bugs (authenticity is CURVE's job; SHA-256 was 2.3x the CPU per byte here)."""
 
     TYPE: ClassVar[str] = "WeightChunk"
     version: int = wire(_VERSION)
     index: int = wire(_COUNT)
     data: bytes | bytearray | memoryview = wire(Bytes(MAX_CHUNK_BYTES))
+    crc32: int = wire(Int(lo=0, hi=2**32 - 1))
 
 
 @register

@@ -11,17 +11,20 @@ Guarantees:
   to the newest (it discards the partial blob).
 - Each actor has its own credit window (`window` chunks unacknowledged at most): a slow actor
   neither loses chunks (nothing exceeds the socket's high-water mark) nor stalls the others.
-- An actor applies a version only when every chunk arrived and the blob's SHA-256 equals the
-  announced one; a mismatch is counted and the version re-requested.
+- Every chunk carries its CRC-32, computed by the publisher's thread as the chunk is first sent
+  (so `publish` costs the learner one copy of the weights, no hashing) and checked by the actor
+  as it arrives; a mismatch is counted and the version re-requested. An actor applies a
+  version only when every chunk arrived intact.
 - No shared filesystem: everything travels on the socket.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import os
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -42,7 +45,8 @@ _TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in (
 
 def pack_weights(named: Iterable[tuple[str, torch.Tensor]], version: int,
                  chunk_bytes: int) -> tuple[WeightAnnounce, memoryview]:
-    """Lay tensors out in one flat blob (one copy) and describe it."""
+    """Lay tensors out in one flat blob and describe it. The one copy is also the snapshot:
+    training may go on changing the parameters while the blob is being sent."""
     items = [(n, t.detach().to("cpu").contiguous()) for n, t in named]
     total = sum(t.numel() * t.element_size() for _, t in items)
     blob = torch.empty(total, dtype=torch.uint8)
@@ -54,8 +58,7 @@ def pack_weights(named: Iterable[tuple[str, torch.Tensor]], version: int,
         off += nb
     view = memoryview(blob.numpy())
     ann = WeightAnnounce(version=version, total_bytes=total, chunk_bytes=chunk_bytes,
-                         n_chunks=-(-total // chunk_bytes),
-                         sha256=hashlib.sha256(view).hexdigest(), tensors=metas)
+                         n_chunks=-(-total // chunk_bytes), tensors=metas)
     return ann, view
 
 
@@ -86,7 +89,11 @@ class WeightPublisher:
         self.peer_timeout_s = peer_timeout_s
         self.counters: Counter[str] = Counter()
         self._latest: tuple[WeightAnnounce, memoryview] | None = None
+        self._crcs: list[int | None] = []  # per chunk of the latest blob, filled as first sent
         self._lock = threading.Lock()
+        # publish() wakes the serving thread through a pipe (it polls the socket and the pipe)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
         self._peers: dict[bytes, _Peer] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="weight-publisher", daemon=True)
@@ -98,7 +105,12 @@ class WeightPublisher:
         ann, blob = pack_weights(named, version, chunk_bytes)
         with self._lock:
             self._latest = (ann, blob)
+            self._crcs = [None] * ann.n_chunks
         self.counters["published"] += 1
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # the pipe is full: the thread is awake anyway
+            pass
         return ann
 
     @property
@@ -113,7 +125,13 @@ class WeightPublisher:
 
     def close(self) -> None:
         self._stop.set()
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:
+            pass
         self._thread.join(timeout=5)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def _send(self, ident: bytes, msg) -> None:
         try:
@@ -132,17 +150,23 @@ class WeightPublisher:
             p.version, p.sent, p.acked = ann.version, 0, 0
             self._send(ident, ann)
         while p.sent < ann.n_chunks and p.sent - p.acked < self.window:
-            lo = p.sent * ann.chunk_bytes
-            self._send(ident, WeightChunk(version=ann.version, index=p.sent,
-                                          data=blob[lo:lo + ann.chunk_bytes]))
+            i, lo = p.sent, p.sent * ann.chunk_bytes
+            data = blob[lo:lo + ann.chunk_bytes]
+            crc = self._crcs[i]
+            if crc is None:
+                crc = self._crcs[i] = zlib.crc32(data)
+            self._send(ident, WeightChunk(version=ann.version, index=i, data=data, crc32=crc))
             p.sent += 1
             self.counters["chunks_sent"] += 1
 
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         while not self._stop.is_set():
-            events = dict(poller.poll(20))
+            events = dict(poller.poll(50))
+            if events.get(self._wake_r):
+                os.read(self._wake_r, 4096)
             now = time.monotonic()
             with self._lock:
                 if events.get(self.sock):
@@ -195,7 +219,6 @@ class WeightReceiver:
         self._ann: WeightAnnounce | None = None
         self._blob: bytearray | None = None
         self._got = 0
-        self._hash = hashlib.sha256()
 
     def hello(self) -> WeightAck:
         """First message (and the one re-sent after a reconnect): what this actor holds."""
@@ -208,7 +231,6 @@ class WeightReceiver:
                 self.counters["stale_announce"] += 1  # may legitimately roll versions back
                 return [], None
             self._ann, self._blob, self._got = msg, bytearray(msg.total_bytes), 0
-            self._hash = hashlib.sha256()  # fed chunk by chunk: verification overlaps transfer
             return [], None
         ann = self._ann
         if ann is None or msg.version != ann.version or msg.index != self._got:
@@ -220,17 +242,17 @@ class WeightReceiver:
         if data.nbytes != want:
             self.counters["bad_chunk_size"] += 1
             return self._restart(ann)
+        if zlib.crc32(data) != msg.crc32:
+            self.counters["checksum_mismatch"] += 1
+            log.error("weights v%d chunk %d failed its checksum; re-requesting the version",
+                      ann.version, msg.index)
+            return self._restart(ann)
         assert self._blob is not None
         self._blob[lo:lo + want] = data
-        self._hash.update(data)
         self._got += 1
         ack = WeightAck(actor_id=self.actor_id, version=ann.version, next_index=self._got)
         if self._got < ann.n_chunks:
             return [ack], None
-        if self._hash.hexdigest() != ann.sha256:
-            self.counters["checksum_mismatch"] += 1
-            log.error("weights v%d failed the checksum; re-requesting", ann.version)
-            return self._restart(ann)
         self.version = ann.version
         blob, self._ann, self._blob = self._blob, None, None
         self.counters["versions_received"] += 1
