@@ -98,11 +98,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--warmup", type=float, default=10.0)
     ap.add_argument("--window", type=float, default=30.0)
+    ap.add_argument("--actor", action="append", default=[], metavar="KEY=VALUE",
+                    help="actor setting (repeatable), e.g. max_batch_grants=64")
     args = ap.parse_args()
+    actor = {k: json.loads(v) for k, _, v in (kv.partition("=") for kv in args.actor)}
     model = ensure_embedded_model(Path(".cache/models"), 600, 0, progress=False)
     with tempfile.TemporaryDirectory() as d:
         cfg_path = make_config(Path(d), model, network={"curve": False},
-                               allocator={"max_staleness": 1000})
+                               allocator={"max_staleness": 1000}, actor=actor)
         e2e, work, _ = end_to_end(cfg_path, args.warmup, args.window)
         alone = vllm_alone(load_config(cfg_path), str(model), work)
     ratio = e2e / alone
@@ -110,7 +113,8 @@ def main() -> None:
     print(f"vLLM alone       : {alone:9.0f} completion tokens/s  (same prompts and n)")
     print(json.dumps({"bench": "actor", "e2e_tokens_per_s": round(e2e, 1),
                       "vllm_tokens_per_s": round(alone, 1), "ratio": round(ratio, 3),
-                      "target": 0.85, "groups": len(work), "cpus": os.cpu_count()}))
+                      "target": 0.85, "groups": len(work), "cpus": os.cpu_count(),
+                      "actor_settings": actor}))
 
 
 if __name__ == "__main__":
