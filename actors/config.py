@@ -16,8 +16,11 @@ class ActorConfig(BaseModel):
     temperature: float = Field(1.0, gt=0, description="sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     prefetch_grants: int = Field(
-        64, ge=1, description="grants held ahead of the engine so it never waits for work")
-    max_batch_grants: int = Field(32, ge=1, description="grants submitted to the engine at once")
+        128, ge=1, description="grants held ahead of the engine so it never waits for work")
+    max_batch_grants: int = Field(
+        96, ge=1, description="grants submitted to the engine at once: enough that vLLM's "
+        "waiting queue refills the batch while groups finish their last samples (32 kept the "
+        "batch short of its 256 sequences: 0.80 of vLLM alone vs 0.92 at 96)")
     kv_cache_gib: float = Field(0.25, gt=0, description="KV cache size on CPU (GiB)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU memory share")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per actor engine")

@@ -35,7 +35,7 @@ from protocol.messages import LearnerProgress  # noqa: E402
 from protocol.sockets import SocketOptions, open_socket, recv, send  # noqa: E402
 from protocol.weights import WeightPublisher  # noqa: E402
 
-APPLIED = re.compile(r"applied weights v(\d+) in [0-9.]+s at ([0-9.]+)")
+APPLIED = re.compile(r"applied weights v(\d+) in ([0-9.]+)s at ([0-9.]+)")
 
 
 def _sink(port: int, total: int, ready, done) -> None:
@@ -85,7 +85,7 @@ def raw_bound(nbytes: int, chunk: int, receivers: int, repeats: int = 3) -> floa
 
 
 def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path
-                 ) -> tuple[list[float], list[float], int]:
+                 ) -> tuple[list[float], list[float], list[float], int]:
     cfg_path = make_config(tmp, model, network={"curve": False},
                            allocator={"max_staleness": 1000},
                            actor={"kv_cache_gib": 0.25, "max_batch_grants": 4,
@@ -114,7 +114,7 @@ def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path
             send(asock, LearnerProgress(version=0, consumed_groups=received[0],
                                         consumed_samples=0, dropped_stale=0))
 
-    lat, pack, nbytes = [], [], 0
+    lat, pack, apply_s, nbytes = [], [], [], 0
     try:
         wait_for(lambda: (drain(time.monotonic() + 0.5), received[0] > 4 * actors)[1], 300,
                  "actors generating")
@@ -129,14 +129,16 @@ def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path
                 drain(time.monotonic() + 0.02)
                 ts = []
                 for p in procs[1:]:
-                    hits = [float(m[2]) for m in APPLIED.finditer(p.text()) if int(m[1]) == v]
+                    hits = [(float(m[3]), float(m[2])) for m in APPLIED.finditer(p.text())
+                            if int(m[1]) == v]
                     if not hits:
                         return None
                     ts.append(hits[0])
                 return ts
 
             ts = wait_for(applied, 300, f"every actor on v{v}")
-            lat.append(max(ts) - t0)
+            lat.append(max(t for t, _ in ts) - t0)
+            apply_s.extend(a for _, a in ts)
             drain(time.monotonic() + 0.5)
     finally:
         pub.close()
@@ -145,7 +147,7 @@ def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path
         for s in (pull, wsock, asock):
             s.close(linger=0)
         ctx.term()
-    return lat, pack, nbytes
+    return lat, pack, apply_s, nbytes
 
 
 def main() -> None:
@@ -161,17 +163,19 @@ def main() -> None:
                                       max_position_embeddings=64),
         }
         for name, path in models.items():
-            lat, pack, nbytes = sync_latency(path, actors, 3, chunk, d / name)
+            lat, pack, apply_s, nbytes = sync_latency(path, actors, 3, chunk, d / name)
             bound = raw_bound(nbytes, chunk, actors)
             med = statistics.median(lat)
             runs = [round(x * 1e3) for x in lat]
             print(f"{name:5s} {nbytes / 1e6:8.1f} MB x {actors} actors: step end -> all "
                   f"actors on new weights {med * 1e3:8.1f} ms (runs {runs}); "
                   f"raw pyzmq bound {bound * 1e3:8.1f} ms; ratio {med / bound:5.2f}; of which "
-                  f"learner-side pack+hash {statistics.median(pack) * 1e3:.0f} ms")
+                  f"learner-side pack {statistics.median(pack) * 1e3:.0f} ms, actor-side "
+                  f"apply (vLLM reload) {statistics.median(apply_s) * 1e3:.0f} ms")
             out[name] = {"bytes": nbytes, "sync_ms": round(med * 1e3, 1),
                          "bound_ms": round(bound * 1e3, 1), "ratio": round(med / bound, 2),
-                         "pack_ms": round(statistics.median(pack) * 1e3, 1)}
+                         "pack_ms": round(statistics.median(pack) * 1e3, 1),
+                         "apply_ms": round(statistics.median(apply_s) * 1e3, 1)}
     out["target_ratio"] = 2.0
     print(json.dumps(out))
 

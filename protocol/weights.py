@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import zmq
 
@@ -49,14 +50,17 @@ def pack_weights(named: Iterable[tuple[str, torch.Tensor]], version: int,
     training may go on changing the parameters while the blob is being sent."""
     items = [(n, t.detach().to("cpu").contiguous()) for n, t in named]
     total = sum(t.numel() * t.element_size() for _, t in items)
-    blob = torch.empty(total, dtype=torch.uint8)
+    # numpy's single-threaded memcpy, not torch's copy: a torch copy is a parallel region
+    # per tensor, and when the other cores are busy generating, each one waits for its
+    # threads to be scheduled (measured: 2.6 s for 453 MB vs ~0.3 s).
+    blob = np.empty(total, dtype=np.uint8)
     metas, off = [], 0
     for name, t in items:
         nb = t.numel() * t.element_size()
-        blob[off:off + nb] = t.reshape(-1).view(torch.uint8)
+        blob[off:off + nb] = t.reshape(-1).view(torch.uint8).numpy()
         metas.append(TensorMeta(name, str(t.dtype).removeprefix("torch."), list(t.shape), off, nb))
         off += nb
-    view = memoryview(blob.numpy())
+    view = memoryview(blob)
     ann = WeightAnnounce(version=version, total_bytes=total, chunk_bytes=chunk_bytes,
                          n_chunks=-(-total // chunk_bytes), tensors=metas)
     return ann, view
