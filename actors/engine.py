@@ -125,6 +125,15 @@ class Engine:
         self.llm.reset_prefix_cache()
         self.version = version
 
+    def holds_memory_of(self, buf: bytearray) -> bool:
+        """Whether any engine tensor lives inside `buf` (then it must never be reused). vLLM's
+        loaders copy into their own tensors; this checks that instead of assuming it."""
+        lo = torch.frombuffer(buf, dtype=torch.uint8).data_ptr() if len(buf) else 0
+        hi = lo + len(buf)
+        model = self.engine.model_executor.driver_worker.worker.model_runner.model
+        return any(lo <= t.data_ptr() < hi
+                   for t in (*model.parameters(), *model.buffers()))
+
     @staticmethod
     def _refresh_tied_lm_head(model) -> None:
         """A tied LM head receives no tensor of its own in a reload, so vLLM puts its old

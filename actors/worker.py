@@ -50,7 +50,7 @@ from protocol.messages import (
     WorkRequest,
 )
 from protocol.sockets import CurveKeys, SocketOptions, open_socket, recv, send
-from protocol.weights import WeightReceiver
+from protocol.weights import BufferPool, WeightReceiver
 from tasks.verifiers import Verifier
 from telemetry.spans import close_trace, now_ns, open_trace, record, span
 
@@ -94,7 +94,9 @@ class Actor:
         self.tokenizer = self.engine.tokenizer
         self.grants: queue.Queue[WorkGrant] = queue.Queue()
         self.finished: queue.Queue[tuple[_Group, float]] = queue.Queue()
-        self.weights: queue.Queue[tuple[int, list]] = queue.Queue()
+        # complete versions (version, tensors, buffer), from the I/O thread to the engine's
+        self.weights: queue.Queue[tuple[int, list, bytearray]] = queue.Queue()
+        self.weight_buffers = BufferPool()
         self.stop = threading.Event()
         self.counters: Counter[str] = Counter()
         self.held = 0  # grants received and not yet sent back (I/O thread's view)
@@ -141,13 +143,20 @@ class Actor:
             latest = None
             while True:
                 try:
-                    latest = self.weights.get_nowait()
+                    newer = self.weights.get_nowait()
                 except queue.Empty:
                     break
+                if latest is not None:  # superseded before it was applied
+                    self.weight_buffers.give_back(latest[2])
+                latest = newer
             if latest is not None:
                 t = now_ns()
                 enter(None, t)
-                eng.load_weights(latest[1], latest[0])
+                eng.load_weights(latest[1], latest[0])  # copies into the engine's tensors
+                if eng.holds_memory_of(latest[2]):
+                    self.counters["weight_buffer_kept"] += 1  # the engine uses it: never reuse
+                else:
+                    self.weight_buffers.give_back(latest[2])
                 max_applied = max(max_applied, latest[0])
                 t_end = now_ns()
                 record("apply_weights", t, t_end, version=latest[0])
@@ -201,7 +210,8 @@ class Actor:
             options=SocketOptions(sndhwm=64, max_message_bytes=self.max_message_bytes))
         wsock = open_socket(ctx, zmq.DEALER, self.endpoints.weights, bind=False,
                             keys=self.keys, options=opts)
-        receiver = WeightReceiver(self.actor_id, version=self.engine.version)
+        receiver = WeightReceiver(self.actor_id, version=self.engine.version,
+                                  pool=self.weight_buffers)
         verifier = Verifier()
         to_learner: deque[RolloutGroup] = deque()
         to_alloc: deque[Message] = deque()

@@ -62,9 +62,10 @@ class Actor(threading.Thread):
                 acked = a.next_index
                 send(self.sock, a)
             if done is not None:
-                version, named = done
+                version, named, buf = done
                 self.applied[version] = [(n, t.clone()) for n, t in named]
                 self.done_at[version] = time.monotonic()
+                self.receiver.pool.give_back(buf)  # as the engine does after applying
         self.sock.close(linger=0)
 
 
@@ -147,3 +148,22 @@ def test_a_newer_version_replaces_one_in_flight(publisher):
     actor.join(timeout=30)
     assert 1 not in actor.applied  # never completed: only the newest version is sent
     assert same(actor.applied[2], newest)
+
+
+def test_buffers_are_recycled_on_both_sides_without_mixing_versions(publisher):
+    ctx, endpoint, pub = publisher
+    actor = Actor(ctx, endpoint, "a", want=4)
+    actor.start()
+    wait_peers(pub, 1)
+    versions = {v: tensors(10 + v) for v in range(1, 5)}
+    for v, named in versions.items():
+        pub.publish(v, named, chunk_bytes=64 << 10)
+        deadline = time.monotonic() + 20
+        while v not in actor.applied:  # one at a time: each version completes
+            assert time.monotonic() < deadline, f"v{v} never arrived"
+            time.sleep(0.005)
+    actor.join(timeout=10)
+    for v, named in versions.items():
+        assert same(actor.applied[v], named), f"v{v} arrived altered"
+    assert pub.counters["buffers_reused"] >= 1  # v3 packed into v1's blob, v4 into v2's
+    assert actor.receiver.pool.reused >= 3
