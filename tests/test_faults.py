@@ -93,6 +93,12 @@ def test_restarted_allocator_restores_its_state_and_everyone_reconnects(stack_fa
     step = last_step(s.run_dir)
     s.alloc = Proc("allocator", s.cfg)
     wait_for(lambda: last_step(s.run_dir) >= step + 3, 300, "training to resume")
+    # The learner may train on work the actor already held before the new allocator has
+    # written its first status: wait for the restarted process's own status file.
+    wait_for(lambda: status(s.run_dir)["counters"].get("restored", 0) >= 1, 60,
+             "the restarted allocator's status")
+    wait_for(lambda: status(s.run_dir)["stats"]["samples"] > before["stats"]["samples"], 60,
+             "reports reaching the restarted allocator")
     after = status(s.run_dir)
     assert after["counters"]["restored"] >= 1
     assert after["stats"]["samples"] > before["stats"]["samples"]
