@@ -24,7 +24,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from learner.config import LearnerConfig
+
 ISMode = Literal["tis", "bypass", "mask"]
+_LEARNER = LearnerConfig.model_fields
 Preset = Literal["grpo", "dynamo", "alloc-only", "modulation-only"]
 AllocationRule = Literal["uniform", "variance"]
 
@@ -48,13 +51,17 @@ class ObjectiveConfig:
     eps_low: float = 0.2  # ε_low: PPO clip below 1
     eps_high: float = 0.28  # ε_high: PPO clip above 1 (clip-higher)
     dual_clip_c: float = 10.0  # c: dual clip, loss of an A<0 token is at most c·|A|
-    is_mode: ISMode = "tis"  # off-policy correction: truncated IS, bypass (πold := μ), or mask
-    is_cap: float = 2.0  # C: tis truncation of exp(logπold - logμ)
-    mask_low: float = 0.5  # a: mask mode keeps tokens with a <= exp(logπold - logμ) <= b
-    mask_high: float = 2.0  # b
+    # The off-policy fields are also learner settings: their defaults live in LearnerConfig.
+    # is_mode: truncated IS, bypass (πold := μ), or mask
+    is_mode: ISMode = _LEARNER["is_mode"].default
+    # C: tis truncation of exp(logπold - logμ)
+    is_cap: float = _LEARNER["is_cap"].default
+    # a, b: mask mode keeps tokens with a <= exp(logπold - logμ) <= b
+    mask_low: float = _LEARNER["mask_low"].default
+    mask_high: float = _LEARNER["mask_high"].default
     # Drop all-equal-reward groups when batching (zero_signal_mask); kept, they only add
     # zero-advantage tokens to the token-mean denominator.
-    skip_zero_signal: bool = True
+    skip_zero_signal: bool = _LEARNER["skip_zero_signal"].default
 
     def __post_init__(self) -> None:
         if not (0.0 < self.eps_low < 1.0 and self.eps_high > 0.0):
