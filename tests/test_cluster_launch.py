@@ -215,12 +215,15 @@ def start_stand_ins(launchers: list, tmp_path: Path, python: Path, hosts: list[s
                     gpus: int, components: int, env: dict[str, str] | None = None):
     (tmp_path / "hosts").write_text("\n".join(hosts) + "\n")
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [str(SCRIPT), "--hostfile", str(tmp_path / "hosts"), "--config", str(CONFIG),
-         "--gpus-per-node", str(gpus), "--run-dir", str(run_dir), "--python", str(python),
-         "--model.path", str(fake_model(tmp_path))],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, **(env or {})})
+    # Output to a file, not a pipe nobody reads while the launcher runs: a full pipe would
+    # block the launcher (and its stop sequence) on a write.
+    with (tmp_path / "launcher.out").open("w") as out:
+        proc = subprocess.Popen(
+            [str(SCRIPT), "--hostfile", str(tmp_path / "hosts"), "--config", str(CONFIG),
+             "--gpus-per-node", str(gpus), "--run-dir", str(run_dir), "--python", str(python),
+             "--model.path", str(fake_model(tmp_path))],
+            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})})
     launchers.append(proc)
     # Every component's own child is up: allocator, learner (torchrun stand-in), actors.
     grandchildren = r"import time; time\.sleep\(600\) .*"
@@ -235,10 +238,16 @@ def test_stopping_the_launcher_stops_every_process_it_started(tmp_path, stand_in
     proc, run_dir = start_stand_ins(launchers, tmp_path, stand_in_python, ["127.0.0.1"], gpus=2,
                                     components=4)
     proc.send_signal(sig)
-    proc.wait(timeout=150)  # the learner gets up to 120 s to write its final checkpoint
+    try:
+        proc.wait(timeout=150)  # the learner gets up to 120 s to write its final checkpoint
+    except subprocess.TimeoutExpired:
+        logs = {p.name: p.read_text()[-1500:] for p in (run_dir / "logs").glob("*.log")}
+        raise AssertionError(f"launcher still running; its output:\n"
+                             f"{(tmp_path / 'launcher.out').read_text()[-3000:]}\n"
+                             f"logs: {logs}\nprocesses: {pids_of(run_dir)}") from None
     wait_for(lambda: not pids_of(run_dir), 15, "every process to stop")
     if sig == signal.SIGINT:
-        assert proc.returncode == 130, proc.stdout.read()
+        assert proc.returncode == 130, (tmp_path / "launcher.out").read_text()
 
 
 def test_remote_hosts_get_the_keys_and_stop_with_the_launcher(tmp_path, stand_in_python,
