@@ -94,12 +94,6 @@ class Actor:
         self.tokenizer = self.engine.tokenizer
         self.grants: queue.Queue[WorkGrant] = queue.Queue()
         self.finished: queue.Queue[tuple[_Group, float]] = queue.Queue()
-        # The engine thread wakes the I/O thread through this pipe when groups finish, so the
-        # I/O thread can sleep in poll() instead of waking every few ms: each wake-up takes
-        # the GIL from the engine thread mid-step.
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
         # complete versions (version, tensors, buffer), from the I/O thread to the engine's
         self.weights: queue.Queue[tuple[int, list, bytearray]] = queue.Queue()
         self.weight_buffers = BufferPool()
@@ -189,18 +183,11 @@ class Actor:
             if eng.busy():
                 t = now_ns()
                 enter("generate", t)
-                done_any = False
                 for key, samples in eng.step():
                     grp = active.pop(key)
                     grp.samples = samples
                     self.gen_tokens += sum(len(s.tokens) for s in samples)
                     self.finished.put((grp, time.perf_counter() - grp.started))
-                    done_any = True
-                if done_any:
-                    try:
-                        os.write(self._wake_w, b"\0")
-                    except BlockingIOError:  # pipe full: the I/O thread has wake-ups queued
-                        pass
                 self.engine_busy_s += (now_ns() - t) / 1e9
             else:
                 t = now_ns()
@@ -231,7 +218,6 @@ class Actor:
         poller = zmq.Poller()
         poller.register(alloc, zmq.POLLIN)
         poller.register(wsock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
         request_sent_at = -1e9
         retry_at = 0.0
         next_beat = 0.0
@@ -262,14 +248,7 @@ class Actor:
                     if self._try_send(alloc, WorkRequest(actor_id=self.actor_id, want=want,
                                                          policy_version=receiver.version)):
                         request_sent_at = now
-                # Short timeout only while something waits to be re-sent (a full peer queue).
-                for sock, _ in poller.poll(5 if to_learner or to_alloc else 50):
-                    if sock == self._wake_r:
-                        try:
-                            os.read(self._wake_r, 4096)
-                        except BlockingIOError:
-                            pass
-                        continue
+                for sock, _ in poller.poll(5):
                     while True:
                         try:
                             msg = recv(sock, zmq.NOBLOCK, max_message_bytes=self.max_message_bytes)
