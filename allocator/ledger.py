@@ -193,6 +193,23 @@ class Ledger:
         self.learner_version = max(self.learner_version, version)
         self.consumed_groups = consumed_groups
 
+    def _forget_previous_launch(self) -> None:
+        """A resumed run (`--resume`): every actor and learner of the previous launch is gone.
+        Leased grants are re-queued now rather than after a lease period. Groups issued but
+        not consumed by the checkpointed learner were either leased (they stay outstanding,
+        to be re-issued) or completed and lost with the old learner. The lost ones must stop
+        counting as outstanding, or the pacing window could stay full for ever; they are
+        counted instead. The learner resumes with exactly the snapshot's consumed count, so
+        progress() sees no regression and cannot do this itself."""
+        for g in sorted(self.grants.values(), key=lambda g: -g.grant_id):
+            if g.actor_id:
+                g.actor_id = ""
+                self.queue.appendleft(g.grant_id)
+        in_flight = sum(1 for g in self.grants.values() if g.lease_id)
+        lost = self.issued_groups - in_flight - self.consumed_groups
+        self.counters["groups_lost_to_resume"] += max(0, lost)
+        self.issued_groups = self.consumed_groups + in_flight
+
     def expire(self, now: float) -> int:
         """Re-queue (at the front) every grant whose lease ran out; returns how many."""
         expired = [g for g in self.grants.values() if g.actor_id and g.deadline <= now]
@@ -233,6 +250,8 @@ class Ledger:
         self.queue = deque(s["queue"])
         self.counters = Counter(s["counters"])
         self.counters["restored"] += 1
+        if s.get("resume"):
+            self._forget_previous_launch()
         # Grants and leases issued after the snapshot and before the crash are unknown here;
         # skip far past them so no id is ever reused (the learner de-duplicates by grant id,
         # and a stale report must never match a new lease). Their reports count as unknown.

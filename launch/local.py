@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
+import pickle
 import signal
 import subprocess
 import sys
@@ -72,7 +72,13 @@ def restore_allocator_snapshot(run_dir: Path) -> str | None:
     tag = latest.read_text().strip()
     snap = run_dir / "checkpoints" / tag / "allocator_state.pkl"
     if snap.is_file():
-        shutil.copy(snap, run_dir / "allocator_state.pkl")
+        with snap.open("rb") as f:
+            state = pickle.load(f)
+        state["resume"] = True  # the allocator forgets the previous launch's work in flight
+        tmp = run_dir / "allocator_state.pkl.resume"
+        with tmp.open("wb") as f:
+            pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
+        tmp.replace(run_dir / "allocator_state.pkl")
     return tag
 
 

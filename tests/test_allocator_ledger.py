@@ -238,3 +238,25 @@ def test_snapshot_of_another_problem_count_is_refused() -> None:
     state = ledger().state_dict()
     with pytest.raises(ValueError, match="snapshot is of 20 problems"):
         ledger(PROBLEMS[:10]).load_state_dict(state, now=0.0)
+
+
+def test_a_resumed_run_forgets_the_previous_launchs_work_in_flight() -> None:
+    """`--resume` restores the checkpoint's snapshot. Work issued but not consumed then is
+    either leased (re-queued at once: its actor is gone) or completed and lost with the old
+    learner (it must not keep the pacing window full: the resumed learner reports the same
+    consumed count, so there is no regression for progress() to see)."""
+    led = ledger(max_staleness=2, prompts_per_step=4)
+    done = grants(led, 4)
+    for g in done:  # completed, then the learner that received them died unconsumed
+        led.report(report_of(g))
+    held = grants(led, 4)  # leased to an actor of the old launch
+    assert isinstance(led.request("a", 1, 0.0), NoWork)  # the window (8 groups) is full
+    state = led.state_dict()
+    state["resume"] = True
+    new = ledger(max_staleness=2, prompts_per_step=4)
+    new.load_state_dict(state, now=0.0)
+    assert new.counters["groups_lost_to_resume"] == 4
+    assert new.outstanding() == 4  # the re-queued leases, nothing else
+    again = grants(new, 8, actor="b")
+    assert [g.grant_id for g in again[:4]] == sorted(g.grant_id for g in held)  # first
+    assert len(again) == 8  # and fresh work flows: the window is open
