@@ -223,7 +223,10 @@ def start_stand_ins(launchers: list, tmp_path: Path, python: Path, hosts: list[s
              "--gpus-per-node", str(gpus), "--run-dir", str(run_dir), "--python", str(python),
              "--model.path", str(fake_model(tmp_path))],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **(env or {})})
+            env={**os.environ, **(env or {})},
+            # A shell started with SIGINT ignored (any background job inherits that) cannot
+            # trap it: give the launcher the default disposition, as a terminal would.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     launchers.append(proc)
     # Every component's own child is up: allocator, learner (torchrun stand-in), actors.
     grandchildren = r"import time; time\.sleep\(600\) .*"
