@@ -268,8 +268,6 @@ class Trainer:
         for p in self.engine.module.parameters():
             if p.grad is not None:
                 sq += p.grad.detach().double().pow(2).sum()
-        if self.world > 1:  # every rank's grad is already the all-reduced mean at stage 0/1?
-            pass
         return float(sq.sqrt())
 
     @torch.no_grad()

@@ -96,7 +96,6 @@ class WeightPublisher:
         self.peer_timeout_s = peer_timeout_s
         self.counters: Counter[str] = Counter()
         self._latest: tuple[WeightAnnounce, memoryview] | None = None
-        self._latest_buf: np.ndarray | None = None
         self._crcs: list[int | None] = []  # per chunk of the latest blob, filled as first sent
         # Zero-copy sends of the latest blob, tracked: a retired blob is reused for a later
         # version only once libzmq has let go of every chunk sent from it.
@@ -125,9 +124,9 @@ class WeightPublisher:
                     break
         ann, buf = pack_weights(named, version, chunk_bytes, out=reuse)
         with self._lock:
-            if self._latest_buf is not None:
-                self._retired = [*self._retired[-1:], (self._latest_buf, self._trackers)]
-            self._latest, self._latest_buf = (ann, memoryview(buf)), buf
+            if self._latest is not None:  # retire the previous blob (the memoryview's array)
+                self._retired = [*self._retired[-1:], (self._latest[1].obj, self._trackers)]
+            self._latest = (ann, memoryview(buf))
             self._crcs, self._trackers = [None] * ann.n_chunks, []
         self.counters["published"] += 1
         try:
