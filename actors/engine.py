@@ -7,7 +7,9 @@ Guarantees:
 - Every generated token is reported with the log-prob of the distribution it was sampled
   from (vLLM `processed_logprobs`: after temperature / top-p) and the policy version of the
   weights that produced it. Weights are swapped between engine steps, in place (no engine
-  restart), and the prefix cache is reset with them so no cached KV from old weights is
+  restart; on CPU the new kernel handles are packed beforehand on another thread, so the
+  engine pauses ~1 ms), and the prefix cache is reset with them so no cached KV from old
+  weights is
   reused by new requests. Samples in flight keep their KV (PipelineRL-style in-flight
   update): their later tokens carry the new version, and the learner's importance weights
   correct for the mixed context.
@@ -17,11 +19,16 @@ Guarantees:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+
+from actors.kernel_swap import KernelSwap, Prepared, Unsupported
+
+log = logging.getLogger("dynamo.actor")
 
 
 def configure_vllm_env(kv_cache_gib: float) -> None:
@@ -38,6 +45,14 @@ class Sample:
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
     truncated: bool = False
+
+
+@dataclass(slots=True)
+class Update:
+    """New weights on their way into the engine: the tensors, and when the engine's layers
+    can be re-packed off its thread, the prepared kernel handles."""
+    tensors: list[tuple[str, torch.Tensor]]
+    prepared: Prepared | None
 
 
 @dataclass(slots=True)
@@ -74,6 +89,10 @@ class Engine:
         self.tokenizer = self.llm.get_tokenizer()
         self.version = 0
         self.pending: dict[str, _Pending] = {}
+        self._swap: KernelSwap | None = None
+        self._swap_metas: list | None = None  # the tensors the plan was built for
+        # vLLM's in-place reload for every update (GPU, tensor parallelism; tests compare the two)
+        self.use_vllm_reload = tensor_parallel_size != 1 or torch.cuda.is_available()
 
     def add(self, request_id: str, prompt_token_ids: list[int], n: int) -> None:
         """Queue n samples of one prompt; they come back together from `step`."""
@@ -116,21 +135,50 @@ class Engine:
             count = len(lp.logprobs) if lp is not None and lp.logprobs is not None else 0
             p.swaps.setdefault(state.request_index, []).append((count, version))
 
-    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Swap weights in place between steps and stamp `version` on every later token."""
+    def prepare_weights(self, tensors: list[tuple[str, torch.Tensor]]) -> Update:
+        """Make new weights ready to swap in. Safe on any thread while the engine generates:
+        on CPU it packs the new kernel handles without touching the live model (see
+        `actors/kernel_swap.py`); where that does not apply (GPU, tensor parallelism,
+        quantization, unknown names) `apply_weights` runs vLLM's in-place reload instead.
+        The tensors must stay untouched until `apply_weights`."""
+        metas = [(n, tuple(t.shape), t.dtype) for n, t in tensors]
+        if metas != self._swap_metas and not self.use_vllm_reload:
+            self._swap, self._swap_metas = None, metas  # first version, or another layout
+            try:
+                self._swap = KernelSwap(self._model(), metas)
+                log.info("weight updates are packed off the engine thread (%d tensors)",
+                         len(self._swap.targets))
+            except Unsupported as e:
+                log.info("weight updates use vLLM's in-place reload: %s", e)
+        if self._swap is None or self.use_vllm_reload:
+            return Update(tensors, None)
+        return Update(tensors, self._swap.prepare(dict(tensors)))
+
+    def apply_weights(self, update: Update, version: int) -> None:
+        """Swap prepared weights in, between steps, and stamp `version` on every later token."""
         self._record_swap(version)
-        worker = self.engine.model_executor.driver_worker.worker
-        worker.reload_weights(weights_iterator=iter(tensors))
-        self._refresh_tied_lm_head(worker.model_runner.model)
+        if update.prepared is not None:
+            KernelSwap.swap(update.prepared)
+        else:
+            worker = self.engine.model_executor.driver_worker.worker
+            worker.reload_weights(weights_iterator=iter(update.tensors))
+            self._refresh_tied_lm_head(worker.model_runner.model)
         self.llm.reset_prefix_cache()
         self.version = version
+
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Prepare and swap in one go (on the engine thread)."""
+        self.apply_weights(self.prepare_weights(list(tensors)), version)
+
+    def _model(self) -> torch.nn.Module:
+        return self.engine.model_executor.driver_worker.worker.model_runner.model
 
     def holds_memory_of(self, buf: bytearray) -> bool:
         """Whether any engine tensor lives inside `buf` (then it must never be reused). vLLM's
         loaders copy into their own tensors; this checks that instead of assuming it."""
         lo = torch.frombuffer(buf, dtype=torch.uint8).data_ptr() if len(buf) else 0
         hi = lo + len(buf)
-        model = self.engine.model_executor.driver_worker.worker.model_runner.model
+        model = self._model()
         return any(lo <= t.data_ptr() < hi
                    for t in (*model.parameters(), *model.buffers()))
 

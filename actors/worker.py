@@ -35,7 +35,7 @@ import numpy as np
 import zmq
 
 from actors.config import ActorConfig
-from actors.engine import Engine, Sample
+from actors.engine import Engine, Sample, Update
 from protocol.errors import ProtocolError
 from protocol.messages import (
     Error,
@@ -94,8 +94,11 @@ class Actor:
         self.tokenizer = self.engine.tokenizer
         self.grants: queue.Queue[WorkGrant] = queue.Queue()
         self.finished: queue.Queue[tuple[_Group, float]] = queue.Queue()
-        # complete versions (version, tensors, buffer), from the I/O thread to the engine's
-        self.weights: queue.Queue[tuple[int, list, bytearray]] = queue.Queue()
+        # complete versions (version, tensors, buffer): I/O thread -> weights thread, which
+        # prepares them (packs new kernel handles while the engine generates) -> engine thread
+        self.received: queue.Queue[tuple[int, list, bytearray] | None] = queue.Queue()
+        self.weights: queue.Queue[tuple[int, Update, bytearray]] = queue.Queue()
+        self.prepare_s = 0.0  # preparing weights off the engine thread
         self.weight_buffers = BufferPool()
         self.stop = threading.Event()
         self.counters: Counter[str] = Counter()
@@ -116,11 +119,16 @@ class Actor:
         self.started_at = time.time()  # the cumulative engine counters start here
         io = threading.Thread(target=self._io_loop, name="actor-io", daemon=True)
         io.start()
+        prep = threading.Thread(target=self._weights_loop, name="actor-weights", daemon=True)
+        prep.start()
+
         try:
             self._engine_loop()
         finally:
             self.stop.set()
+            self.received.put(None)
             io.join(timeout=10)
+            prep.join(timeout=10)
             close_trace()
 
     def _engine_loop(self) -> None:
@@ -152,7 +160,7 @@ class Actor:
             if latest is not None:
                 t = now_ns()
                 enter(None, t)
-                eng.load_weights(latest[1], latest[0])  # copies into the engine's tensors
+                eng.apply_weights(latest[1], latest[0])  # prepared by the weights thread
                 if eng.holds_memory_of(latest[2]):
                     self.counters["weight_buffer_kept"] += 1  # the engine uses it: never reuse
                 else:
@@ -164,6 +172,7 @@ class Actor:
                 self.counters["weight_updates"] += 1
                 log.info("applied weights v%d in %.3fs at %.6f", latest[0], (t_end - t) / 1e9,
                          time.time())
+
             while True:
                 try:
                     waiting.append(self.grants.get_nowait())
@@ -199,6 +208,35 @@ class Actor:
                 self.engine_idle_s += (now_ns() - t) / 1e9
         enter(None, now_ns())
 
+    # ================================================================ weights thread
+    def _weights_loop(self) -> None:
+        """Prepares each complete version (the newest, when several arrived meanwhile) for the
+        engine thread, which then only swaps it in between two steps. (Packing layer by layer
+        while chunks still arrive was tried: with one core per actor it slowed the transfer
+        as much as it saved.)"""
+        while True:
+            item = self.received.get()
+            while item is not None:
+                try:
+                    newer = self.received.get_nowait()
+                except queue.Empty:
+                    break
+                if newer is None:
+                    return
+                self.weight_buffers.give_back(item[2])  # superseded before it was prepared
+                self.counters["weight_versions_skipped"] += 1
+                item = newer
+            if item is None:
+                return
+            version, tensors, blob = item
+            t = now_ns()
+            update = self.engine.prepare_weights(tensors)
+            t_end = now_ns()
+            record("prepare_weights", t, t_end, version=version)
+            self.prepare_s += (t_end - t) / 1e9
+            log.info("prepared weights v%d in %.3fs", version, (t_end - t) / 1e9)
+            self.weights.put((version, update, blob))
+
     # ================================================================ I/O thread
     def _io_loop(self) -> None:
         ctx = zmq.Context()
@@ -219,6 +257,7 @@ class Actor:
         poller.register(alloc, zmq.POLLIN)
         poller.register(wsock, zmq.POLLIN)
         request_sent_at = -1e9
+        announced_at = time.perf_counter()
         retry_at = 0.0
         next_beat = 0.0
         next_metrics = time.monotonic() + 2.0
@@ -267,11 +306,16 @@ class Actor:
                             request_sent_at = -1e9
                             retry_at = time.monotonic() + msg.retry_after_s
                         elif isinstance(msg, WeightAnnounce | WeightChunk):
+                            if isinstance(msg, WeightAnnounce):
+                                announced_at = time.perf_counter()
                             acks, done = receiver.handle(msg)
                             for a in acks:
                                 self._try_send(wsock, a)
                             if done is not None:
-                                self.weights.put(done)
+                                self.received.put(done)
+                                log.info("received weights v%d (%.1f MB) in %.3fs at %.6f",
+                                         done[0], len(done[2]) / 1e6,
+                                         time.perf_counter() - announced_at, time.time())
                         elif isinstance(msg, Error):
                             log.warning("peer error %s: %s", msg.code, msg.message)
                         else:
@@ -312,7 +356,8 @@ class Actor:
                 "started_at": self.started_at, "version": self.engine.version,
                 "engine_busy_s": round(self.engine_busy_s, 4),
                 "engine_idle_s": round(self.engine_idle_s, 4),
-                "weights_s": round(self.weights_s, 4), "gen_tokens": self.gen_tokens,
+                "weights_s": round(self.weights_s, 4),
+                "prepare_weights_s": round(self.prepare_s, 4), "gen_tokens": self.gen_tokens,
                 "held_grants": self.held,
                 "outbox": outbox, **self.counters,
                 **{f"verifier_{k}": v for k, v in verifier.counters.items()}}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import re
 import statistics
 import sys
@@ -39,6 +40,7 @@ from protocol.weights import WeightPublisher  # noqa: E402
 
 WARM = 2  # versions published before timing
 APPLIED = re.compile(r"applied weights v(\d+) in ([0-9.]+)s at ([0-9.]+)")
+RECEIVED = re.compile(r"received weights v(\d+) \(.*?\) in ([0-9.]+)s at ([0-9.]+)")
 
 
 def _sink(port: int, total: int, ready, done) -> None:
@@ -87,8 +89,12 @@ def raw_bound(nbytes: int, chunk: int, receivers: int, repeats: int = 3) -> floa
     return statistics.median(times)
 
 
-def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path
-                 ) -> tuple[list[float], list[float], list[float], int]:
+def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path, busy: bool
+                 ) -> dict:
+    """Publish `versions` versions; per version: publish start -> every actor applied it.
+    busy: actors are generating throughout (async mode; the real allocator feeds them and this
+    process drains their rollouts). Otherwise they are idle, as in sync mode, where every actor
+    waits for the new version with its next step's work in hand."""
     cfg_path = make_config(tmp, model, network={"curve": False},
                            allocator={"max_staleness": 1000},
                            actor={"kv_cache_gib": 0.25, "max_batch_grants": 4,
@@ -101,8 +107,14 @@ def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path
                         options=SocketOptions(sndhwm=256))
     asock = open_socket(ctx, zmq.DEALER, f"tcp://127.0.0.1:{net.allocator_port}", bind=False)
     pub = WeightPublisher(wsock)
-    procs = [Proc("allocator", cfg_path)] + [Proc("actor", cfg_path, "--index", str(i))
-                                             for i in range(actors)]
+    # One actor per core, as the launcher places actors on a GPU machine (one per device):
+    # unbound, each actor's vLLM runs OpenMP threads on every core and they spin on each other.
+    cores = sorted(os.sched_getaffinity(0))
+    procs = [Proc("actor", cfg_path, "--index", str(i),
+                  env={"VLLM_CPU_OMP_THREADS_BIND": str(cores[i % len(cores)])})
+             for i in range(actors)]
+    if busy:
+        procs.append(Proc("allocator", cfg_path))
     from transformers import AutoModelForCausalLM
 
     weights = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
@@ -114,33 +126,38 @@ def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path
             if pull.poll(10):
                 recv(pull)
                 received[0] += 1
-            send(asock, LearnerProgress(version=0, consumed_groups=received[0],
-                                        consumed_samples=0, dropped_stale=0))
+            if busy:
+                send(asock, LearnerProgress(version=0, consumed_groups=received[0],
+                                            consumed_samples=0, dropped_stale=0))
 
-    lat, pack, apply_s, nbytes = [], [], [], 0
+    def logged(pattern: re.Pattern, v: int) -> list[tuple[float, float]] | None:
+        """(time, seconds) of every actor's first `pattern` line for version v."""
+        out = []
+        for p in procs[:actors]:
+            hits = [(float(m[3]), float(m[2])) for m in pattern.finditer(p.text())
+                    if int(m[1]) == v]
+            if not hits:
+                return None
+            out.append(hits[0])
+        return out
+
+    lat, pack, apply_s, recv_at, nbytes = [], [], [], [], 0
     try:
-        wait_for(lambda: (drain(time.monotonic() + 0.5), received[0] > 4 * actors)[1], 300,
-                 "actors generating")
-        drain(time.monotonic() + 2.0)  # steady state
+        if busy:
+            wait_for(lambda: (drain(time.monotonic() + 0.5), received[0] > 4 * actors)[1], 300,
+                     "actors generating")
+            drain(time.monotonic() + 2.0)  # steady state
+        else:
+            wait_for(lambda: len(pub.peers) == actors, 300, "actors subscribed to weights")
         for v in range(1, versions + 1):
             t0 = time.time()
             ann = pub.publish(v, named, chunk_bytes=chunk)
             pack.append(time.time() - t0)  # the snapshot copy on the learner side
             nbytes = ann.total_bytes
-
-            def applied(v: int = v) -> list[float] | None:
-                drain(time.monotonic() + 0.02)
-                ts = []
-                for p in procs[1:]:
-                    hits = [(float(m[3]), float(m[2])) for m in APPLIED.finditer(p.text())
-                            if int(m[1]) == v]
-                    if not hits:
-                        return None
-                    ts.append(hits[0])
-                return ts
-
-            ts = wait_for(applied, 300, f"every actor on v{v}")
+            ts = wait_for(lambda v=v: (drain(time.monotonic() + 0.02), logged(APPLIED, v))[1],
+                          300, f"every actor on v{v}")
             lat.append(max(t for t, _ in ts) - t0)
+            recv_at.append(max(t for t, _ in logged(RECEIVED, v)) - t0)
             apply_s.extend(a for _, a in ts)
             drain(time.monotonic() + 0.5)
     finally:
@@ -152,7 +169,8 @@ def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path
         ctx.term()
     # Steady state: the first `WARM` versions allocate the buffers later versions recycle
     # (on both sides), as in a long run; they are left out.
-    return lat[WARM:], pack[WARM:], apply_s[WARM * actors:], nbytes
+    return {"latency": lat[WARM:], "pack": pack[WARM:], "received": recv_at[WARM:],
+            "apply": apply_s[WARM * actors:], "bytes": nbytes}
 
 
 def main() -> None:
@@ -168,19 +186,26 @@ def main() -> None:
                                       max_position_embeddings=64),
         }
         for name, path in models.items():
-            lat, pack, apply_s, nbytes = sync_latency(path, actors, WARM + 3, chunk, d / name)
-            bound = raw_bound(nbytes, chunk, actors)
-            med = statistics.median(lat)
-            runs = [round(x * 1e3) for x in lat]
-            print(f"{name:5s} {nbytes / 1e6:8.1f} MB x {actors} actors: step end -> all "
-                  f"actors on new weights {med * 1e3:8.1f} ms (runs {runs}); "
-                  f"raw pyzmq bound {bound * 1e3:8.1f} ms; ratio {med / bound:5.2f}; of which "
-                  f"learner-side pack {statistics.median(pack) * 1e3:.0f} ms, actor-side "
-                  f"apply (vLLM reload) {statistics.median(apply_s) * 1e3:.0f} ms")
-            out[name] = {"bytes": nbytes, "sync_ms": round(med * 1e3, 1),
-                         "bound_ms": round(bound * 1e3, 1), "ratio": round(med / bound, 2),
-                         "pack_ms": round(statistics.median(pack) * 1e3, 1),
-                         "apply_ms": round(statistics.median(apply_s) * 1e3, 1)}
+            out[name] = {}
+            for mode, busy in (("sync", False), ("async", True)):
+                r = sync_latency(path, actors, WARM + 3, chunk, d / f"{name}-{mode}", busy)
+                bound = raw_bound(r["bytes"], chunk, actors)
+                ms = {k: round(statistics.median(r[k]) * 1e3, 1)
+                      for k in ("latency", "pack", "received", "apply")}
+                runs = [round(x * 1e3) for x in r["latency"]]
+                what = ("actors idle, waiting for it" if not busy
+                        else "actors generating throughout")
+                print(f"{name:5s} {r['bytes'] / 1e6:6.1f} MB x {actors} actors, {mode:5s} "
+                      f"({what}): step end -> all actors on new weights {ms['latency']:7.1f} ms "
+                      f"(runs {runs}); raw pyzmq bound {bound * 1e3:6.1f} ms; ratio "
+                      f"{ms['latency'] / 1e3 / bound:5.2f}. Of which: learner-side snapshot "
+                      f"{ms['pack']:.0f} ms, last chunk in at {ms['received']:.0f} ms, "
+                      f"engine pause to swap {ms['apply']:.1f} ms", flush=True)
+                out[name][mode] = {"bytes": r["bytes"], "sync_ms": ms["latency"],
+                                   "bound_ms": round(bound * 1e3, 1),
+                                   "ratio": round(ms["latency"] / 1e3 / bound, 2),
+                                   "pack_ms": ms["pack"], "received_ms": ms["received"],
+                                   "apply_ms": ms["apply"]}
     out["target_ratio"] = 2.0
     print(json.dumps(out))
 

@@ -529,14 +529,15 @@ class WeightAnnounce(Message):
 @dataclass(slots=True, frozen=True, eq=False)
 class WeightChunk(Message):
     """Chunk `index` of the blob announced for `version` (bytes [index * chunk_bytes, ...));
-    `crc32` of `data` (zlib's), checked on arrival: an end-to-end check against transport or
-    reassembly bugs (authenticity is CURVE's job; SHA-256 was 2.3x the CPU per byte here)."""
+    `crc32c` of `data` (CRC-32C, Castagnoli: the SSE4.2/ARMv8 instruction, 21 GB/s here vs
+    zlib's CRC-32 at 4 GB/s), checked on arrival: an end-to-end check against transport or
+    reassembly bugs (authenticity is CURVE's job; SHA-256 was 2.3x zlib's CPU per byte)."""
 
     TYPE: ClassVar[str] = "WeightChunk"
     version: int = wire(_VERSION)
     index: int = wire(_COUNT)
     data: bytes | bytearray | memoryview = wire(Bytes(MAX_CHUNK_BYTES))
-    crc32: int = wire(Int(lo=0, hi=2**32 - 1))
+    crc32c: int = wire(Int(lo=0, hi=2**32 - 1))
 
 
 @register

@@ -11,7 +11,7 @@ Guarantees:
   to the newest (it discards the partial blob).
 - Each actor has its own credit window (`window` chunks unacknowledged at most): a slow actor
   neither loses chunks (nothing exceeds the socket's high-water mark) nor stalls the others.
-- Every chunk carries its CRC-32, computed by the publisher's thread as the chunk is first sent
+- Every chunk carries its CRC-32C, computed by the publisher's thread as the chunk is first sent
   (so `publish` costs the learner one copy of the weights, no hashing) and checked by the actor
   as it arrives; a mismatch is counted and the version re-requested. An actor applies a
   version only when every chunk arrived intact.
@@ -24,7 +24,6 @@ import logging
 import os
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import zmq
+from crc32c import crc32c
 
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
@@ -178,8 +178,8 @@ class WeightPublisher:
             data = blob[lo:lo + ann.chunk_bytes]
             crc = self._crcs[i]
             if crc is None:
-                crc = self._crcs[i] = zlib.crc32(data)
-            self._send(ident, WeightChunk(version=ann.version, index=i, data=data, crc32=crc),
+                crc = self._crcs[i] = crc32c(data)
+            self._send(ident, WeightChunk(version=ann.version, index=i, data=data, crc32c=crc),
                        track=True)
             p.sent += 1
             self.counters["chunks_sent"] += 1
@@ -298,7 +298,7 @@ class WeightReceiver:
         if data.nbytes != want:
             self.counters["bad_chunk_size"] += 1
             return self._restart(ann)
-        if zlib.crc32(data) != msg.crc32:
+        if crc32c(data) != msg.crc32c:
             self.counters["checksum_mismatch"] += 1
             log.error("weights v%d chunk %d failed its checksum; re-requesting the version",
                       ann.version, msg.index)

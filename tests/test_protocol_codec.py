@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+from crc32c import crc32c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -89,7 +89,7 @@ EXAMPLES: list[Message] = [
     LearnerProgress(version=12, consumed_groups=100, consumed_samples=1600, dropped_stale=2),
     make_announce(),
     WeightChunk(version=3, index=1, data=bytes(range(256)) * 2,
-                crc32=zlib.crc32(bytes(range(256)) * 2)),
+                crc32c=crc32c(bytes(range(256)) * 2)),
     WeightAck(actor_id="actor-0", version=3, next_index=2),
     Error(code="missing_field", message="WorkGrant.n: missing", ref=9),
 ]
@@ -187,7 +187,7 @@ def test_decoded_arrays_are_views_of_the_received_frames(wrap: Callable[[bytes],
 
 def test_weight_chunk_payload_is_not_copied() -> None:
     payload = bytearray(b"\x01" * 4096)
-    frames = encode(WeightChunk(version=1, index=0, data=payload, crc32=0))
+    frames = encode(WeightChunk(version=1, index=0, data=payload, crc32c=0))
     assert np.shares_memory(np.frombuffer(frames[1], np.uint8), np.frombuffer(payload, np.uint8))
     received = to_bytes(frames)
     out = decode(received)
@@ -360,8 +360,8 @@ def test_weight_announce_layout_is_checked() -> None:
                                TensorMeta("a", "uint8", [1], 1, 1)])
     with pytest.raises(InvalidValue, match=r"tensors\[0\]\.dtype"):
         make_announce(tensors=[TensorMeta("a", "complex64", [1], 0, 8)])
-    with pytest.raises(InvalidValue, match=r"crc32"):
-        WeightChunk(version=1, index=0, data=b"x", crc32=2**32)
+    with pytest.raises(InvalidValue, match=r"crc32c"):
+        WeightChunk(version=1, index=0, data=b"x", crc32c=2**32)
 
 
 def test_oversize_message_is_rejected_before_parsing() -> None:
@@ -398,7 +398,7 @@ def test_truncated_array_frame_is_malformed() -> None:
     msgpack.packb({"t": "WorkRequest", "f": {}, "a": []}),  # no version
     msgpack.packb({"v": 1, "t": "WorkRequest", "f": {}, "a": [], "x": 0}),  # extra key
     msgpack.packb({"v": 1, "t": "WorkRequest", "f": [], "a": []}),
-    msgpack.packb({"v": 1, "t": "WeightChunk", "f": {"version": 1, "index": 0, "crc32": 0},
+    msgpack.packb({"v": 1, "t": "WeightChunk", "f": {"version": 1, "index": 0, "crc32c": 0},
                    "a": [["data", "bytes", [3]], ["data", "bytes", [3]]]}),
     msgpack.packb({1: 2}),  # int map key
     b"\x81\xa1v\xa3\xff\xfe\xfd",  # invalid UTF-8

@@ -55,7 +55,7 @@ class Actor(threading.Thread):
                     bad = bytearray(msg.data)
                     bad[7] ^= 0xFF
                     msg = WeightChunk(version=msg.version, index=msg.index, data=bytes(bad),
-                                      crc32=msg.crc32)
+                                      crc32c=msg.crc32c)
                 time.sleep(self.delay_s)
             acks, done = self.receiver.handle(msg)
             for a in acks:

@@ -54,7 +54,7 @@ def seed_corpus(out: Path) -> None:
         m.LearnerProgress(version=1, consumed_groups=2, consumed_samples=8, dropped_stale=0),
         m.Error(code="x", message="y", ref=0),
         m.WeightAck(actor_id="a", version=1, next_index=0),
-        m.WeightChunk(version=1, index=0, data=b"abcd", crc32=0),
+        m.WeightChunk(version=1, index=0, data=b"abcd", crc32c=0),
         m.RolloutGroup(grant_id=1, lease_id=1, problem_id="p", actor_id="a",
                        prompt_token_ids=np.array([4, 5], np.int32),
                        completion_token_ids=np.array([6, 1, 7], np.int32),
