@@ -9,8 +9,7 @@ Guarantees:
   weights that produced it. Weights are swapped between engine steps, in place (no engine
   restart; on CPU the new kernel handles are packed beforehand on another thread, so the
   engine pauses ~1 ms), and the prefix cache is reset with them so no cached KV from old
-  weights is
-  reused by new requests. Samples in flight keep their KV (PipelineRL-style in-flight
+  weights is reused by new requests. Samples in flight keep their KV (PipelineRL-style in-flight
   update): their later tokens carry the new version, and the learner's importance weights
   correct for the mixed context.
 - Outputs are only materialised when a group finishes (FINAL_ONLY): the per-token versions
@@ -152,7 +151,13 @@ class Engine:
                 log.info("weight updates use vLLM's in-place reload: %s", e)
         if self._swap is None or self.use_vllm_reload:
             return Update(tensors, None)
-        return Update(tensors, self._swap.prepare(dict(tensors)))
+        try:
+            return Update(tensors, self._swap.prepare(dict(tensors)))
+        except Exception:  # never lose a version over it: vLLM's reload still works
+            log.exception("packing new weights off the engine thread failed; using vLLM's "
+                          "in-place reload from now on")
+            self.use_vllm_reload = True
+            return Update(tensors, None)
 
     def apply_weights(self, update: Update, version: int) -> None:
         """Swap prepared weights in, between steps, and stamp `version` on every later token."""

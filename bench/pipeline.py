@@ -57,7 +57,7 @@ def run_mode(mode: str, steps: int, skip: int, tmp: Path, model: Path,
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--skip", type=int, default=4, help="warm-up steps left out")
     args, overrides = ap.parse_known_args()
     model = ensure_embedded_model(_ROOT / ".cache/models", 600, 0, progress=False)
