@@ -152,11 +152,9 @@ class Progress:
 
 
 def _free_port() -> int:
-    import socket
+    from launch.ports import free_ports
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def run_local(cfg: RunConfig, resume: str | None = None) -> int:

@@ -45,8 +45,13 @@ def trained(tiny_model, tmp_path_factory):
     # actor key (an outsider without keys is refused before the application sees anything).
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(cfg_path)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: (run_dir / "metrics.jsonl").is_file()
-             and len(metrics(run_dir)) >= 3, 300, "the first learner steps")
+    def first_steps() -> bool:
+        if proc.poll() is not None:  # ended before training: say why at once
+            raise AssertionError(f"the run ended early ({proc.returncode}):\n"
+                                 f"{proc.stdout.read()[-4000:]}")
+        return (run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 3
+
+    wait_for(first_steps, 300, "the first learner steps")
     cfg = load_config(cfg_path)
     ctx = zmq.Context()
     keys = CurveKeys.load(run_dir / "keys", client="actor")
