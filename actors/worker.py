@@ -1,11 +1,14 @@
 """An actor process: a vLLM engine kept busy with granted work, streaming scored groups.
 
-Two threads, each socket owned by exactly one of them:
+Three threads; the sockets are all owned by the I/O thread:
 - the engine thread (main) only generates: it adds granted samples to the engine's
-  continuous batch, steps it, applies complete weight versions between steps;
+  continuous batch, steps it, swaps prepared weight versions in between steps;
 - the I/O thread talks to the allocator (requests work ahead of need, reports stats,
-  heartbeats), the learner (pushes groups) and the weight publisher, and scores samples.
-So generation never waits on a network round-trip, and the network never waits on a step.
+  heartbeats), the learner (pushes groups) and the weight publisher, and scores samples;
+- the weights thread prepares each complete version (on CPU: packs its kernel handles) while
+  the engine goes on generating with the old one.
+So generation never waits on a network round-trip or a weight repack, and the network never
+waits on a step.
 
 Guarantees:
 - A group holds exactly the n samples of its grant (groups are atomic); every token carries

@@ -127,8 +127,12 @@ def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path,
                 recv(pull)
                 received[0] += 1
             if busy:
-                send(asock, LearnerProgress(version=0, consumed_groups=received[0],
-                                            consumed_samples=0, dropped_stale=0))
+                try:
+                    send(asock, LearnerProgress(version=0, consumed_groups=received[0],
+                                                consumed_samples=0, dropped_stale=0),
+                         zmq.NOBLOCK)
+                except zmq.Again:  # no allocator connected right now: re-sent next time
+                    pass
 
     def logged(pattern: re.Pattern, v: int) -> list[tuple[float, float]] | None:
         """(time, seconds) of every actor's first `pattern` line for version v."""

@@ -64,8 +64,12 @@ class Receiver:
                     n = len(self.groups)
                 if self.gate is not None:
                     n = min(n, self.gate)
-                send(self.alloc, LearnerProgress(version=self.version, consumed_groups=n,
-                                                 consumed_samples=0, dropped_stale=0))
+                try:  # never block: with no allocator connected (teardown) it would hang
+                    send(self.alloc, LearnerProgress(version=self.version, consumed_groups=n,
+                                                     consumed_samples=0, dropped_stale=0),
+                         zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # re-sent 0.2 s later anyway
                 last = time.monotonic()
 
     def snapshot(self) -> list[RolloutGroup]:
