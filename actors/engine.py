@@ -8,8 +8,9 @@ Guarantees:
   from (vLLM `processed_logprobs`: after temperature / top-p) and the policy version of the
   weights that produced it. Weights are swapped between engine steps, in place (no engine
   restart; on CPU the new kernel handles are packed beforehand on another thread, so the
-  engine pauses ~1 ms), and the prefix cache is reset with them so no cached KV from old
-  weights is reused by new requests. Samples in flight keep their KV (PipelineRL-style in-flight
+  engine pauses ~1 ms). New requests never reuse prompt KV cached under older weights: the
+  prefix cache is salted per swap (resetting it fails while requests run, i.e. always in
+  async mode). Samples in flight keep their KV (PipelineRL-style in-flight
   update): their later tokens carry the new version, and the learner's importance weights
   correct for the mixed context.
 - Outputs are only materialised when a group finishes (FINAL_ONLY): the per-token versions
@@ -66,12 +67,12 @@ class Engine:
                  temperature: float, top_p: float, seed: int, kv_cache_gib: float,
                  dtype: str = "float32",
                  gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1,
-                 enforce_eager: bool = True) -> None:
+                 enforce_eager: bool = True, block_size: int | None = None) -> None:
         configure_vllm_env(kv_cache_gib)
         from vllm import LLM, SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        kwargs: dict = {}
+        kwargs: dict = {} if block_size is None else {"block_size": block_size}
         if not torch.cuda.is_available():
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         else:
@@ -89,6 +90,8 @@ class Engine:
         self.version = 0
         self.pending: dict[str, _Pending] = {}
         self._swap: KernelSwap | None = None
+        self._swaps = 0  # weight swaps so far: the prefix cache's salt (versions may repeat)
+        self.cached_prompt_tokens = 0  # prompt tokens served from the prefix cache
         self._swap_metas: list | None = None  # the tensors the plan was built for
         # vLLM's in-place reload for every update (GPU, tensor parallelism; tests compare the two)
         self.use_vllm_reload = tensor_parallel_size != 1 or torch.cuda.is_available()
@@ -96,7 +99,10 @@ class Engine:
     def add(self, request_id: str, prompt_token_ids: list[int], n: int) -> None:
         """Queue n samples of one prompt; they come back together from `step`."""
         self.pending[request_id] = _Pending(n=n, version=self.version)
-        self.engine.add_request(request_id, {"prompt_token_ids": prompt_token_ids},
+        # Salted with the weights in use: the prefix cache shares prompt KV between requests
+        # admitted under the same weights only (the n samples of one request included).
+        self.engine.add_request(request_id, {"prompt_token_ids": prompt_token_ids,
+                                             "cache_salt": f"w{self._swaps}"},
                                 self._sampling(n=n, **self._params))
 
     def busy(self) -> bool:
@@ -111,6 +117,7 @@ class Engine:
             p = self.pending.pop(out.request_id, None)
             if p is None:
                 continue
+            self.cached_prompt_tokens += out.num_cached_tokens or 0
             samples = []
             for c in sorted(out.outputs, key=lambda c: c.index):
                 toks = list(c.token_ids)
@@ -168,7 +175,9 @@ class Engine:
             worker = self.engine.model_executor.driver_worker.worker
             worker.reload_weights(weights_iterator=iter(update.tensors))
             self._refresh_tied_lm_head(worker.model_runner.model)
-        self.llm.reset_prefix_cache()
+        self._swaps += 1  # new requests no longer match prompt KV cached under old weights
+        if not self.busy():  # possible only when idle; frees the stale blocks at once
+            self.llm.reset_prefix_cache()
         self.version = version
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:

@@ -20,8 +20,9 @@ def main(model: str) -> None:
     from actors.engine import Engine
     from actors.kernel_swap import KernelSwap, Unsupported
 
-    eng = Engine(model, max_model_len=64, max_tokens=12, temperature=1.0, top_p=1.0, seed=0,
-                 kv_cache_gib=0.25)
+    eng = Engine(model, max_model_len=64, max_tokens=12, temperature=1e-4, top_p=1.0, seed=0,
+                 kv_cache_gib=0.25,  # near-greedy for its own requests
+                 block_size=32)  # (CPU default 128) so that a 40-token prompt fills a block
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     gen_ = torch.Generator().manual_seed(0)
 
@@ -70,6 +71,38 @@ def main(model: str) -> None:
     eng.use_vllm_reload = True
     eng.load_weights([(n, t.clone()) for n, t in reference], 4)
     out["second_update_matches"] = generate() == fast2 and fast2 != fast1
+    # Prefix cache across a swap (the Engine's own requests, as the actor makes them): a
+    # prompt long enough to fill cached KV blocks, generated again after new weights, must
+    # give what the new weights give from scratch (llm.generate never shares the salted
+    # blocks), not continue from KV cached under the old ones.
+    long_prompt = [3 + (i * 7) % 12 for i in range(40)]
+
+    def engine_tokens(rid: str) -> list[int]:
+        eng.add(rid, long_prompt, 1)
+        while True:
+            for _, samples in eng.step():
+                return samples[0].tokens
+
+    engine_tokens("cache-a")  # fills the prefix cache under `reference`
+    hits = eng.cached_prompt_tokens
+    engine_tokens("cache-a2")  # same weights: served from the cache (the check is not vacuous)
+    out["prefix_cache_hit_before_swap"] = eng.cached_prompt_tokens - hits
+    hits = eng.cached_prompt_tokens
+    eng.use_vllm_reload = False
+    # a request in flight across the swap (it cannot end early): vLLM cannot reset its cache
+    eng.engine.add_request("busy", {"prompt_token_ids": [2, 3]},
+                           SamplingParams(temperature=1e-4, max_tokens=12, min_tokens=12))
+    eng.step()
+    out["busy_at_swap"] = eng.busy()
+    eng.load_weights([(n, t.clone()) for n, t in w1_again], 5)
+    while eng.busy():
+        eng.step()
+    after = engine_tokens("cache-b")
+    out["prefix_cache_hit_after_swap"] = eng.cached_prompt_tokens - hits
+    fresh = eng.llm.generate([{"prompt_token_ids": long_prompt}],
+                             SamplingParams(temperature=0.0, max_tokens=12),
+                             use_tqdm=False)[0].outputs[0].token_ids
+    out["no_stale_prefix_kv_after_swap"] = after == list(fresh)
     model_ = eng._model()
     metas = [(n, tuple(t.shape), t.dtype) for n, t in w1_again]
     for name, bad in (("missing_weight", metas[:-1]),

@@ -24,6 +24,12 @@ def test_packed_swap_matches_vllm_reload(tiny_model):
     assert all(out["tokens_equal_vllm_reload"]), out
     assert out["max_dlogp_vs_vllm_reload"] <= 1e-5, out
     assert out["second_update_matches"] is True
+    # no prompt KV cached under the old weights is reused after a swap, even though the
+    # swap came while a request ran (vLLM cannot reset its cache then)
+    assert out["busy_at_swap"] is True
+    assert out["prefix_cache_hit_before_swap"] >= 16, out
+    assert out["prefix_cache_hit_after_swap"] == 0, out
+    assert out["no_stale_prefix_kv_after_swap"] is True
     # a plan that does not cover the model exactly falls back to vLLM's reload
     assert "no incoming weight" in out["rejects_missing_weight"]
     assert "no parameter" in out["rejects_unknown_name"]
