@@ -19,7 +19,7 @@ from protocol.codec import encode
 from protocol.messages import RolloutGroup
 from protocol.sockets import CurveKeys, open_socket
 
-STEPS, BOUND = 24, 2
+STEPS, BOUND = 32, 2
 
 
 def run(config: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -97,7 +97,9 @@ def test_behaviour_logprobs_equal_the_recompute_on_current_weights(trained):
 def test_held_out_reward_rises(trained):
     evals = [r for r in metrics(trained[0]) if "eval/pass1" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == STEPS
-    # Sampled pass@1 (4 samples x 512 held-out problems); see README for the seeds checked.
+    # Sampled pass@1 (4 samples x 512 held-out problems) from 0.440. Measured after the actor
+    # got fast enough to keep every group at the staleness bound: at 24 steps seeds 0/1/2 gave
+    # +0.028/+0.060/+0.043 (too close), at 32 steps seeds 0/3 gave +0.081/+0.076.
     assert evals[-1]["eval/pass1"] >= evals[0]["eval/pass1"] + 0.03, evals
 
 
