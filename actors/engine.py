@@ -93,8 +93,10 @@ class Engine:
         self._swaps = 0  # weight swaps so far: the prefix cache's salt (versions may repeat)
         self.cached_prompt_tokens = 0  # prompt tokens served from the prefix cache
         self._swap_metas: list | None = None  # the tensors the plan was built for
-        # vLLM's in-place reload for every update (GPU, tensor parallelism; tests compare the two)
-        self.use_vllm_reload = tensor_parallel_size != 1 or torch.cuda.is_available()
+        # vLLM's in-place reload for every update: set after a packing failure (and by tests);
+        # where packing does not apply (GPU, tensor parallelism...) the plan says so itself
+        self.use_vllm_reload = False
+        self.packing_failures = 0
 
     def add(self, request_id: str, prompt_token_ids: list[int], n: int) -> None:
         """Queue n samples of one prompt; they come back together from `step`."""
@@ -163,6 +165,7 @@ class Engine:
         except Exception:  # never lose a version over it: vLLM's reload still works
             log.exception("packing new weights off the engine thread failed; using vLLM's "
                           "in-place reload from now on")
+            self.packing_failures += 1
             self.use_vllm_reload = True
             return Update(tensors, None)
 

@@ -124,7 +124,6 @@ class Actor:
         io.start()
         prep = threading.Thread(target=self._weights_loop, name="actor-weights", daemon=True)
         prep.start()
-
         try:
             self._engine_loop()
         finally:
@@ -175,7 +174,6 @@ class Actor:
                 self.counters["weight_updates"] += 1
                 log.info("applied weights v%d in %.3fs at %.6f", latest[0], (t_end - t) / 1e9,
                          time.time())
-
             while True:
                 try:
                     waiting.append(self.grants.get_nowait())
@@ -234,6 +232,8 @@ class Actor:
             version, tensors, blob = item
             t = now_ns()
             update = self.engine.prepare_weights(tensors)
+            self.counters["weights_packed" if update.prepared is not None
+                          else "weights_vllm_reload"] += 1
             t_end = now_ns()
             record("prepare_weights", t, t_end, version=version)
             self.prepare_s += (t_end - t) / 1e9
@@ -361,6 +361,8 @@ class Actor:
                 "engine_idle_s": round(self.engine_idle_s, 4),
                 "weights_s": round(self.weights_s, 4),
                 "prepare_weights_s": round(self.prepare_s, 4), "gen_tokens": self.gen_tokens,
+                "weight_packing_failures": self.engine.packing_failures,
+                "cached_prompt_tokens": self.engine.cached_prompt_tokens,
                 "held_grants": self.held,
                 "outbox": outbox, **self.counters,
                 **{f"verifier_{k}": v for k, v in verifier.counters.items()}}

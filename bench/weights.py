@@ -1,10 +1,12 @@
 """Weight sync: learner step end -> every actor generating with the new version.
 
 In one run, for the tiny embedded model and a ~100M-parameter Qwen2 built from a config:
-- sync: this process publishes versioned weights (the learner's `WeightPublisher`, chunked,
-  credit-based) to real actor processes that are busy generating (real allocator, this
-  process also drains their rollouts). Latency = the last actor's "applied weights vN at T"
-  (it generates with vN from its next engine step) minus the publish call's start time.
+- latency: this process publishes versioned weights (the learner's `WeightPublisher`,
+  chunked, credit-based) to real actor processes, one pinned per core. Latency = the last
+  actor's "applied weights vN at T" (it generates with vN from its next engine step) minus
+  the publish call's start time. Two cases: "sync", actors idle and waiting for the version
+  (sync mode's critical path), and "async", actors generating throughout (real allocator;
+  this process drains their rollouts).
 - bound: raw pyzmq moving the same bytes (one copy per actor, same chunk size) from one
   sender to as many receiver processes over loopback TCP.
 Timed: 3 versions after 2 warm-up versions (which allocate the buffers that later versions
@@ -205,7 +207,7 @@ def main() -> None:
                       f"{ms['latency'] / 1e3 / bound:5.2f}. Of which: learner-side snapshot "
                       f"{ms['pack']:.0f} ms, last chunk in at {ms['received']:.0f} ms, "
                       f"engine pause to swap {ms['apply']:.1f} ms", flush=True)
-                out[name][mode] = {"bytes": r["bytes"], "sync_ms": ms["latency"],
+                out[name][mode] = {"bytes": r["bytes"], "latency_ms": ms["latency"],
                                    "bound_ms": round(bound * 1e3, 1),
                                    "ratio": round(ms["latency"] / 1e3 / bound, 2),
                                    "pack_ms": ms["pack"], "received_ms": ms["received"],

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from launch.ports import free_ports
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = REPO / ".cache" / "models"
 
@@ -20,12 +22,6 @@ def tiny_model() -> Path:
     from launch.embedded_model import ensure_embedded_model
 
     return ensure_embedded_model(MODEL_CACHE, steps=600, seed=0, progress=False)
-
-
-def free_ports(n: int) -> list[int]:
-    from launch.ports import free_ports as pick
-
-    return pick(n)
 
 
 def make_config(run_dir: Path, model: Path | None, **sections) -> Path:
