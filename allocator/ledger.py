@@ -7,8 +7,9 @@ Invariants:
 - A grant whose lease expires goes back to the front of the queue with a new lease id, so
   the work of a dead or stopped actor is re-issued, never lost.
 - Pacing: groups issued but not yet consumed by the learner never exceed
-  max(max_staleness, 1) x prompts_per_step, so in steady state no group arrives at the
-  learner more than max_staleness versions old.
+  max(max_staleness // U, 1) x prompts_per_step, where U = updates_per_batch is the number
+  of optimizer updates (policy versions) one batch of prompts_per_step groups can take; so in
+  steady state no group arrives at the learner more than max_staleness versions old.
 - Budgets of a round are computed from the statistics at the moment the round is formed.
 """
 
@@ -46,7 +47,8 @@ class Ledger:
     """The allocator's state: statistics, epoch position, rounds, leases, counters."""
 
     def __init__(self, problems: list[Problem], cfg: AllocatorConfig, *, rule: str,
-                 verifier: str, prompts_per_step: int, max_staleness: int) -> None:
+                 verifier: str, prompts_per_step: int, max_staleness: int,
+                 updates_per_batch: int = 1) -> None:
         if len(problems) < cfg.batch_prompts:
             raise ValueError(f"{len(problems)} problems cannot fill a round of "
                              f"allocator.batch_prompts = {cfg.batch_prompts}")
@@ -55,11 +57,12 @@ class Ledger:
         self.cfg = cfg
         self.rule = rule
         self.verifier = verifier
-        # At most max_staleness steps of work outstanding. An actor may hold weights one
-        # version behind the learner when it starts a grant, so a window of s steps keeps the
-        # tokens of a group at most s versions old when trained; synchronous mode (s = 0)
-        # issues one step at a time and actors wait for that step's weights.
-        self.window = max(max_staleness, 1) * prompts_per_step
+        # At most max_staleness versions of work outstanding, counted in batches: a batch
+        # moves the learner up to U versions. An actor may hold weights one batch behind the
+        # learner when it starts a grant, so a window of w batches keeps the tokens of a group
+        # at most w·U versions old when trained; synchronous mode (s = 0) issues one batch at
+        # a time and actors wait for that batch's weights.
+        self.window = max(max_staleness // max(updates_per_batch, 1), 1) * prompts_per_step
         self.stats = ProblemStats(len(problems), half_life=cfg.stats_half_life)
         self.epoch = 0
         self.cursor = 0  # position in the current epoch's permutation

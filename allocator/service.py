@@ -76,6 +76,7 @@ def read_snapshot(run_dir: Path) -> dict | None:
 class AllocatorService:
     def __init__(self, problems: list[Problem], cfg: AllocatorConfig, *, rule: str,
                  verifier: str, prompts_per_step: int, max_staleness: int, endpoint: str,
+                 updates_per_batch: int = 1,
                  run_dir: Path, keys: CurveKeys | None = None,
                  client_keys: set[bytes] | None = None) -> None:
         self.cfg = cfg
@@ -84,7 +85,8 @@ class AllocatorService:
         self.keys = keys
         self.client_keys = client_keys or set()
         self.ledger = Ledger(problems, cfg, rule=rule, verifier=verifier,
-                             prompts_per_step=prompts_per_step, max_staleness=max_staleness)
+                             prompts_per_step=prompts_per_step, max_staleness=max_staleness,
+                             updates_per_batch=updates_per_batch)
         state = read_snapshot(self.run_dir)
         if state is not None:
             self.ledger.load_state_dict(state, time.monotonic())

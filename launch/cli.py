@@ -80,7 +80,8 @@ def cmd_allocator(cfg: RunConfig, args: argparse.Namespace) -> int:
     service = AllocatorService(
         problems, cfg.allocator, rule=cfg.budget_rule, verifier=cfg.task.verifier_name,
         prompts_per_step=cfg.learner.prompts_per_step, max_staleness=cfg.max_staleness,
-        endpoint=net.bind(net.allocator_port), run_dir=cfg.run_dir, keys=keys,
+        updates_per_batch=cfg.learner.updates_per_batch, endpoint=net.bind(net.allocator_port),
+        run_dir=cfg.run_dir, keys=keys,
         client_keys=clients)
     run_allocator(service)
     return 0
@@ -100,7 +101,7 @@ def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
     actor = Actor(cfg.actor, path, ep, index=args.index, keys=keys,
                   max_message_bytes=net.max_message_mib << 20,
                   metrics_path=cfg.run_dir / f"metrics_actor{args.index}.jsonl",
-                  run_dir=cfg.run_dir)
+                  run_dir=cfg.run_dir, task=cfg.task)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: actor.stop.set())
     actor.run()
@@ -110,6 +111,7 @@ def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
 def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
     from learner.process import LearnerSetup, run_learner
     from tasks.problems import load_task
+    from tasks.prompts import PromptFormat, render_problems, resolved_prompt_format
 
     setup_logging(f"learner{os.environ.get('RANK', '0')}")
     if os.environ.get("DYNAMO_CPU_AFFINITY"):  # set by the local launcher on CPU machines
@@ -119,11 +121,17 @@ def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
         os.sched_setaffinity(0, cores)
         torch.set_num_threads(len(cores))
     _, held_out = load_task(cfg.task)
+    path = model_path(cfg, progress=False)
+    fmt = resolved_prompt_format(cfg.task)
+    if held_out and fmt != PromptFormat():  # evaluated on the prompts the actors send
+        from transformers import AutoTokenizer
+
+        held_out = render_problems(AutoTokenizer.from_pretrained(path), held_out, fmt)
     keys, clients = run_keys(cfg, "learner")
     net = cfg.network
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     setup = LearnerSetup(
-        cfg=cfg.learner, preset=cfg.preset, model_path=model_path(cfg, progress=False),
+        cfg=cfg.learner, preset=cfg.preset, model_path=path,
         run_dir=cfg.run_dir, temperature=cfg.actor.temperature, max_tokens=cfg.actor.max_tokens,
         max_staleness=cfg.max_staleness,
         allocator=net.allocator, rollouts=net.bind(net.rollout_port),

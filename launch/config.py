@@ -107,6 +107,14 @@ class RunConfig(BaseModel):
         if self.actor.max_tokens >= self.actor.max_model_len:
             raise ValueError(f"actor.max_tokens = {self.actor.max_tokens} leaves no room for the "
                              f"prompt in actor.max_model_len = {self.actor.max_model_len}")
+        u = self.learner.updates_per_batch
+        if self.max_staleness and self.max_staleness < u:
+            raise ValueError(
+                f"allocator.max_staleness = {self.max_staleness} is below the {u} optimizer "
+                f"updates (policy versions) one batch takes (learner.prompts_per_step / "
+                f"learner.mini_batch_prompts x learner.ppo_epochs): every group generated "
+                f"during a batch would be dropped as stale; use a multiple of {u}, or mode = "
+                f"\"sync\"")
         ports = [self.network.allocator_port, self.network.rollout_port, self.network.weights_port]
         if len(set(ports)) != len(ports):
             raise ValueError(f"network ports must differ, got {ports}")

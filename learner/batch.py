@@ -5,7 +5,12 @@ Invariants:
   per-token tensors are aligned so that position t holds the token predicted from t-1.
 - Samples keep their group id, so advantages are normalised within the group they were
   generated in, whatever the group sizes.
-- `shard` splits by whole groups, so every data-parallel rank normalises complete groups.
+- `shard` splits by whole groups, so every data-parallel rank normalises complete groups;
+  it balances rows (then tokens), so ranks plan about as many micro-batches. The trainer pads
+  the difference with zero-weight micro-batches (`dummy_batch`), since ZeRO-2/3 run
+  collectives in every forward/backward and every rank must run as many.
+- `mini_batches` cuts a rollout batch into optimizer updates by whole groups, the same way on
+  every rank (a seeded permutation), so ranks agree on which groups each update trains.
 """
 
 from __future__ import annotations
@@ -76,25 +81,60 @@ def build_batch(groups: list[RolloutGroup], pad_id: int = 0) -> Batch:
 
 
 def shard(groups: list[RolloutGroup], rank: int, world: int) -> list[RolloutGroup]:
-    """This rank's share of whole groups, balanced by token count (greedy)."""
-    order = sorted(range(len(groups)), key=lambda i: -groups[i].num_tokens - groups[i].n)
-    load = [0] * world
+    """This rank's share of whole groups, balanced by rows first, then tokens (greedy)."""
+    order = sorted(range(len(groups)), key=lambda i: (-groups[i].n, -groups[i].num_tokens, i))
+    rows, toks = [0] * world, [0] * world
     mine: list[int] = []
     for i in order:
-        r = min(range(world), key=lambda k: (load[k], k))
-        load[r] += groups[i].num_tokens + groups[i].n
+        r = min(range(world), key=lambda k: (rows[k], toks[k], k))
+        rows[r] += groups[i].n
+        toks[r] += groups[i].num_tokens
         if r == rank:
             mine.append(i)
     return [groups[i] for i in sorted(mine)]
+
+
+def mini_batches(n_groups: int, groups_per_update: int, seed: int) -> list[list[int]]:
+    """Group indices of each optimizer update: a seeded permutation cut into
+    ceil(n / groups_per_update) parts of near-equal size (identical on every rank)."""
+    if n_groups == 0:
+        return []
+    perm = np.random.default_rng(seed).permutation(n_groups)
+    parts = -(-n_groups // groups_per_update)
+    return [sorted(int(i) for i in p) for p in np.array_split(perm, parts)]
 
 
 def micro_batches(n_rows: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n_rows)) for i in range(0, n_rows, size)]
 
 
-def micro_batches_by_length(batch: Batch, size: int) -> list[torch.Tensor]:
+def micro_batches_by_length(batch: Batch, size: int,
+                            max_tokens: int | None = None) -> list[torch.Tensor]:
     """Row indices of micro-batches of similar length (longest first): each micro-batch is
     trimmed to its own longest row, so grouping by length wastes little compute on padding.
-    Row order does not matter to the loss: advantages follow each row's group id."""
-    order = torch.argsort(batch.attention_mask.sum(1), descending=True, stable=True)
-    return [order[i:i + size] for i in range(0, len(order), size)]
+    Row order does not matter to the loss: advantages follow each row's group id.
+
+    With `max_tokens`, a micro-batch holds as many rows as fit in rows x longest <= max_tokens
+    (at least one row; `size` still caps the rows), as verl's dynamic batch size does.
+    """
+    lengths = batch.attention_mask.sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    if max_tokens is None:
+        return [order[i:i + size] for i in range(0, len(order), size)]
+    out, start = [], 0
+    while start < len(order):
+        width = max(int(lengths[order[start]]), 1)  # longest row of this micro-batch
+        rows = max(1, min(size, max_tokens // width))
+        out.append(order[start:start + rows])
+        start += rows
+    return out
+
+
+def dummy_batch(pad_id: int = 0) -> Batch:
+    """One two-token row whose only target counts nowhere in the loss (the caller weights it
+    by 0): it keeps a rank with less data in step with the collectives of the others."""
+    ids = torch.full((1, 2), pad_id, dtype=torch.long)
+    return Batch(ids, torch.ones_like(ids), ids[:, 1:].clone(),
+                 torch.ones((1, 1), dtype=torch.bool), torch.zeros((1, 1)),
+                 torch.full((1, 1), -1, dtype=torch.long),
+                 torch.zeros(1), torch.zeros(1, dtype=torch.long))

@@ -4,6 +4,10 @@ Reports greedy accuracy and sampled pass@1 (mean reward of k samples per problem
 training temperature), overall and per difficulty bucket. Cheap for small models (batched
 KV-cache `generate`); real models are evaluated with vLLM by `dynamo-rl eval` instead (set
 `learner.eval_every = 0`).
+
+Prompts are encoded as given (no special tokens added): the launcher hands the learner its
+held-out problems already rendered in the actors' format (`tasks.prompts.render_problems`),
+so the model is evaluated on the prompts it is trained on.
 """
 
 from __future__ import annotations
@@ -12,15 +16,15 @@ from collections import defaultdict
 
 import torch
 
+from tasks.config import TaskConfig
 from tasks.problems import Problem
-from tasks.verifiers import Verifier
+from tasks.scoring import Verifier
 
 
 @torch.no_grad()
-def _scores(model, tokenizer, problems: list[Problem], verifier_name: str, *, sample: bool,
-            k: int, temperature: float, max_new_tokens: int, batch_size: int
+def _scores(model, tokenizer, problems: list[Problem], verifier: Verifier, verifier_name: str,
+            *, sample: bool, k: int, temperature: float, max_new_tokens: int, batch_size: int
             ) -> dict[str, list[float]]:
-    verifier = Verifier()
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: dict[str, list[float]] = defaultdict(list)
@@ -40,11 +44,11 @@ def _scores(model, tokenizer, problems: list[Problem], verifier_name: str, *, sa
                              eos_token_id=tokenizer.eos_token_id, **kw)
         rows = gen[:, width:].tolist()
         reps = k if sample else 1
+        scores = verifier.score_many([
+            (verifier_name, tokenizer.decode(rows[j * reps + r], skip_special_tokens=True),
+             p.answer) for j, p in enumerate(chunk) for r in range(reps)])
         for j, p in enumerate(chunk):
-            s = [verifier.score(verifier_name, tokenizer.decode(rows[j * reps + r],
-                                                                skip_special_tokens=True),
-                                p.answer) for r in range(reps)]
-            score = sum(s) / reps
+            score = sum(scores[j * reps:(j + 1) * reps]) / reps
             out["all"].append(score)
             if p.difficulty:
                 out[p.difficulty].append(score)
@@ -58,14 +62,16 @@ def evaluate_held_out(model, tokenizer, problems: list[Problem], verifier_name: 
     was_training = model.training
     model.eval()
     res: dict[str, float] = {}
-    greedy = _scores(model, tokenizer, problems, verifier_name, sample=False, k=1,
-                     temperature=1.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    state = torch.get_rng_state()
-    torch.manual_seed(seed)  # the same sampling noise at every evaluation
-    sampled = _scores(model, tokenizer, problems, verifier_name, sample=True, k=k,
-                      temperature=temperature, max_new_tokens=max_new_tokens,
-                      batch_size=max(1, batch_size // k))
-    torch.set_rng_state(state)
+    # The task's default limit and extraction: the learner is not told the configured ones.
+    with Verifier(TaskConfig().verifier_timeout_s) as verifier:
+        greedy = _scores(model, tokenizer, problems, verifier, verifier_name, sample=False, k=1,
+                         temperature=1.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)  # the same sampling noise at every evaluation
+        sampled = _scores(model, tokenizer, problems, verifier, verifier_name, sample=True, k=k,
+                          temperature=temperature, max_new_tokens=max_new_tokens,
+                          batch_size=max(1, batch_size // k))
+        torch.set_rng_state(state)
     for name, table in (("acc", greedy), ("pass1", sampled)):
         for bucket, v in sorted(table.items()):
             res[f"eval/{name}" if bucket == "all" else f"eval/{name}_{bucket}"] = sum(v) / len(v)

@@ -12,8 +12,9 @@ Invariants this module keeps:
   Advantages, entropies, modulation factors, IS weights and statistics are detached.
 - The loss is a sum over valid tokens divided by `n_tokens_total`, so gradients accumulated
   over micro-batches with the batch's token count equal the full-batch token-mean gradient.
-- H_min/H_max (β_comp) and max Ξ (β_stab) are micro-batch statistics, as in the paper: with
-  modulation on, the loss depends on how the batch is cut into micro-batches.
+- H_min/H_max (β_comp) and max Ξ (β_stab) are micro-batch statistics, as in the paper's
+  code: with modulation on, the loss depends on how the batch is cut into micro-batches.
+  `Extremes` passes them in from a wider scope instead (the whole optimizer update).
 """
 
 from __future__ import annotations
@@ -203,18 +204,32 @@ def _log_ratio(logp: Tensor, logp_old: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, logp - logp_old, 0.0)
 
 
-def beta_comp(H: Tensor, adv_seq: Tensor, mask: Tensor, alpha: float = 0.2) -> Tensor:
+@dataclasses.dataclass(frozen=True)
+class Extremes:
+    """H_min, H_max and max Ξ taken over a scope wider than one micro-batch."""
+
+    h_min: float
+    h_max: float
+    xi_max: float
+
+
+def beta_comp(H: Tensor, adv_seq: Tensor, mask: Tensor, alpha: float = 0.2,
+              h_range: tuple[float, float] | None = None) -> Tensor:
     """Compensation factor [S, L]: boosts confident (low-entropy) tokens of correct answers.
 
-    H_min, H_max over the valid tokens of the micro-batch. If H_max == H_min the relative
-    entropy is undefined and β_comp = 1 everywhere (no token is more confident than another).
+    H_min, H_max over the valid tokens of the micro-batch (or `h_range`, from a wider scope).
+    If H_max == H_min the relative entropy is undefined and β_comp = 1 everywhere (no token is
+    more confident than another).
     """
     H = H.detach()
-    h_min = H.masked_fill(~mask, torch.inf).amin()
-    h_max = H.masked_fill(~mask, -torch.inf).amax()
+    if h_range is None:
+        h_min = H.masked_fill(~mask, torch.inf).amin()
+        h_max = H.masked_fill(~mask, -torch.inf).amax()
+    else:
+        h_min, h_max = (torch.tensor(v, dtype=H.dtype, device=H.device) for v in h_range)
     span = h_max - h_min
     spread = span > 0
-    rel = torch.where(spread, (h_max - H) / torch.where(spread, span, 1.0), 0.0)
+    rel = torch.where(spread, (h_max - H) / torch.where(spread, span, 1.0), 0.0).clamp(0, 1)
     positive = (adv_seq.detach() > 0).unsqueeze(-1) & mask
     # Eq. β_comp_t = 1 + α (H_max - H_t) / (H_max - H_min) where A > 0, else 1
     return torch.where(positive, 1.0 + alpha * rel, 1.0)
@@ -261,13 +276,16 @@ def beta_stab(
     lambda_min: float = 0.6,
     gamma: float = 50.0,
     tau: float = 0.99,
+    xi_max: float | None = None,
 ) -> Tensor:
-    """Stabiliser [S, L]: damps the tokens that change the entropy most in the micro-batch.
+    """Stabiliser [S, L]: damps the tokens that change the entropy most in the micro-batch
+    (or relative to `xi_max`, from a wider scope).
 
     If max Ξ == 0 (no token moves the entropy) x = 0 everywhere, so β_stab ≈ 1.
     """
     Xi = torch.where(mask, Xi.detach(), 0.0)
-    xi_max = Xi.amax()
+    xi_max = Xi.amax() if xi_max is None else torch.tensor(xi_max, dtype=Xi.dtype,
+                                                            device=Xi.device)
     # Eq. x_t = Ξ_t / max Ξ  (micro-batch valid tokens)
     x = torch.where(xi_max > 0, Xi / torch.where(xi_max > 0, xi_max, 1.0), 0.0)
     return beta_stab_curve(x, lambda_min, gamma, tau)
@@ -280,15 +298,32 @@ def modulated_advantage(
     H: Tensor,
     mask: Tensor,
     cfg: ObjectiveConfig,
+    extremes: Extremes | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(A_t, β_comp, β_stab), each [S, L] and detached, from the group advantage A [S]."""
     ratio = _log_ratio(logp.detach(), logp_old.detach(), mask).exp()
-    b_comp = beta_comp(H, adv_seq, mask, cfg.alpha)
+    b_comp = beta_comp(H, adv_seq, mask, cfg.alpha,
+                       None if extremes is None else (extremes.h_min, extremes.h_max))
     Xi = entropy_change(logp, H, ratio, adv_seq, mask, cfg.eps_low, cfg.eps_high)
-    b_stab = beta_stab(Xi, mask, cfg.lambda_min, cfg.gamma, cfg.tau)
+    b_stab = beta_stab(Xi, mask, cfg.lambda_min, cfg.gamma, cfg.tau,
+                       None if extremes is None else extremes.xi_max)
     # Eq. A_t = A · β_comp_t · β_stab_t
     adv_t = adv_seq.detach().unsqueeze(-1) * b_comp * b_stab
     return adv_t, b_comp, b_stab
+
+
+@torch.no_grad()
+def local_extremes(logp: Tensor, H: Tensor, logp_old: Tensor, adv_seq: Tensor, mask: Tensor,
+                   cfg: ObjectiveConfig) -> tuple[float, float, float]:
+    """(H_min, H_max, max Ξ) over this micro-batch's valid tokens (±inf/0 if it has none);
+    combine over a scope with min/max to build `Extremes`."""
+    if not bool(mask.any()):
+        return float("inf"), float("-inf"), 0.0
+    ratio = _log_ratio(logp, logp_old, mask).exp()
+    Xi = entropy_change(logp, H, ratio, adv_seq, mask, cfg.eps_low, cfg.eps_high)
+    return (float(H.masked_fill(~mask, torch.inf).amin()),
+            float(H.masked_fill(~mask, -torch.inf).amax()),
+            float(torch.where(mask, Xi, 0.0).amax()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +412,8 @@ def ppo_loss(
         "clip/high": _masked_mean(((adv_t > 0) & (r > 1 + eps_high)).float(), mask),
         "clip/dual": _masked_mean(dual.float(), mask),
         "ratio/mean": _masked_mean(r, mask),
+        "ratio/min": r.masked_fill(~mask, torch.inf).amin(),
+        "ratio/max": r.masked_fill(~mask, -torch.inf).amax(),
     }
     return loss, stats
 
@@ -395,6 +432,7 @@ def dynamo_loss(
     mask: Tensor,
     cfg: ObjectiveConfig,
     n_tokens_total: int | float | Tensor | None = None,
+    extremes: Extremes | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Loss of one micro-batch (scalar, grad through logp) and its detached statistics.
 
@@ -409,7 +447,8 @@ def dynamo_loss(
     if cfg.is_mode == "bypass":
         logp_old = logp_behaviour
     if cfg.modulation:
-        adv_t, b_comp, b_stab = modulated_advantage(adv_seq, logp, logp_old, H, mask, cfg)
+        adv_t, b_comp, b_stab = modulated_advantage(adv_seq, logp, logp_old, H, mask, cfg,
+                                                    extremes)
     else:
         adv_t = adv_seq.detach().unsqueeze(-1).expand_as(mask)
         b_comp = b_stab = torch.ones_like(adv_t)
@@ -418,11 +457,16 @@ def dynamo_loss(
         n_tokens_total,
     )
     stats |= ppo_stats
+    positive = (adv_seq.detach() > 0).unsqueeze(-1) & mask
     stats |= {
         "beta_comp/mean": _masked_mean(b_comp, mask),
         "beta_comp/max": b_comp.masked_fill(~mask, -torch.inf).amax(),
         "beta_stab/mean": _masked_mean(b_stab, mask),
         "beta_stab/min": b_stab.masked_fill(~mask, torch.inf).amin(),
+        "beta_stab/frac_below_0.99": _masked_mean((b_stab < 0.99).float(), mask),
         "entropy/mean": _masked_mean(H.detach(), mask),
+        # sums, not means: the trainer divides Σ over micro-batches (β_comp acts on A > 0 only)
+        "beta_comp/pos_sum": torch.where(positive, b_comp, 0.0).sum(),
+        "beta_comp/pos_count": positive.sum().float(),
     }
     return loss, stats

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch.distributed as dist
 import zmq
 
-from learner.batch import shard
 from learner.config import LearnerConfig
 from learner.objective import PRESETS, ObjectiveConfig
 from learner.trainer import Trainer, init_distributed, metrics_line, send_progress
@@ -103,13 +102,22 @@ def run_learner(s: LearnerSetup) -> int:
                                                   max_message_bytes=s.max_message_bytes))
         publisher = WeightPublisher(wsock)
         alloc = open_socket(ctx, zmq.DEALER, s.allocator, bind=False, keys=s.keys)
-        with span("publish_weights", version=trainer.version):
-            publisher.publish(trainer.version, trainer.named_weights(),
-                              chunk_bytes=int(cfg.weight_chunk_mib * (1 << 20)))
-        send_progress(alloc, trainer.version, intake.counters, clock_id)
         metrics_f = (s.run_dir / "metrics.jsonl").open("a")
         writer = ScalarWriter(s.run_dir, os.environ.get("DYNAMO_WANDB_PROJECT"),
                               config={"preset": s.preset, **cfg.model_dump()})
+
+    def publish(check_replicas: bool) -> bool:
+        """All ranks: gather and publish the current weights (rank 0 sends them)."""
+        def consume(named) -> None:
+            publisher.publish(trainer.version, named, total_bytes=trainer.weight_bytes(),
+                              chunk_bytes=int(cfg.weight_chunk_mib * (1 << 20)))
+
+        with span("publish_weights", version=trainer.version):
+            return trainer.for_each_weight(consume, check_replicas=check_replicas)
+
+    publish(check_replicas=False)
+    if rank == 0:
+        send_progress(alloc, trainer.version, intake.counters, clock_id)
 
     def heartbeat() -> None:
         if alloc is not None and intake is not None:
@@ -149,21 +157,27 @@ def run_learner(s: LearnerSetup) -> int:
             record("wait_batch", t_iter, t_got)
             if groups is None:  # stopping
                 break
-            stats = trainer.step(shard(groups, rank, world) if world > 1 else groups)
+            version0 = trainer.version
+            stats = trainer.step(groups)
             record_step_spans(t_got, now_ns(), stats, trainer.version)
             step += 1
             stats["time/wait_batch"] = (t_got - t_iter) / 1e9
-            extra: dict = {}
+            t_pub = time.perf_counter()
+            if step % cfg.publish_every == 0 and not stats.get("skipped_step"):
+                check = world > 1 and cfg.replica_check_every > 0 \
+                    and step % cfg.replica_check_every == 0
+                agree = publish(check_replicas=check)
+                if check:
+                    stats["dp/weights_identical"] = float(agree)
+                    if not agree:
+                        log.error("data-parallel ranks hold different weights after step %d",
+                                  step)
+            stats["time/publish"] = time.perf_counter() - t_pub
+            extra: dict = {"trained_from_version": version0}
             if rank == 0:
                 assert intake is not None and publisher is not None
                 extra["queue/intake"] = intake.queue.qsize()
                 intake.counters["consumed_samples"] += sum(g.n for g in groups)
-                t_pub = time.perf_counter()
-                if trainer.version % cfg.publish_every == 0 and not stats.get("skipped_step"):
-                    with span("publish_weights", version=trainer.version):
-                        publisher.publish(trainer.version, trainer.named_weights(),
-                                          chunk_bytes=int(cfg.weight_chunk_mib * (1 << 20)))
-                stats["time/publish"] = time.perf_counter() - t_pub
                 heartbeat()
                 if cfg.eval_every and step % cfg.eval_every == 0 and s.held_out:
                     extra.update(evaluate(trainer, tokenizer, s))
@@ -178,7 +192,8 @@ def run_learner(s: LearnerSetup) -> int:
                               "idle/learner": stats["time/wait_batch"] / wall_s,
                               "throughput/train_tokens_per_s":
                               stats.get("train_tokens", 0.0) / wall_s})
-                rec = metrics_line(step, trainer.version, groups, stats, intake.counters, extra)
+                rec = metrics_line(step, trainer.version, groups, stats, intake.counters, extra,
+                                   trained_from=version0)
                 write_metrics(rec)
                 log.info("step %d v%d reward %.3f zero-signal %.2f loss-tokens %d %s", step,
                          trainer.version, rec["reward/mean"], rec["zero_signal_frac"],
@@ -221,7 +236,7 @@ def evaluate(trainer: Trainer, tokenizer, s: LearnerSetup) -> dict[str, float]:
 
     t = time.perf_counter()
     with span("eval", version=trainer.version):
-        res = evaluate_held_out(trainer.engine.module, tokenizer, s.held_out, s.verifier,
+        res = evaluate_held_out(trainer.lm, tokenizer, s.held_out, s.verifier,
                                 max_new_tokens=s.max_tokens, temperature=s.temperature)
     res["time/eval"] = time.perf_counter() - t
     return res
