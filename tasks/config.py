@@ -7,9 +7,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.verifiers import DEFAULT_EXTRACTION, AnswerExtraction
+
 
 class TaskConfig(BaseModel):
-    """Where problems come from and how answers are checked."""
+    """Where problems come from, how they are put to the model and how answers are checked."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -21,15 +23,35 @@ class TaskConfig(BaseModel):
     max_digits: int = Field(4, ge=1, le=9, description="largest operand digit count (built-in)")
     path: Path | None = Field(None, description="training problems file (kind = 'file')")
     eval_path: Path | None = Field(None, description="held-out problems file (kind = 'file')")
-    id_field: str = Field("id", description="field holding the problem id (row index if absent)")
-    prompt_field: str = Field("prompt", description="field holding the prompt text")
-    answer_field: str = Field("answer", description="field holding the reference answer")
+    id_field: str | None = Field(
+        None, description="field holding the problem id; default: detected (id, unique_id, "
+        "extra_info.index), else the row index")
+    prompt_field: str | None = Field(
+        None, description="field holding the prompt text (or chat message list); default: "
+        "detected (prompt, problem, question)")
+    answer_field: str | None = Field(
+        None, description="field holding the reference answer; default: detected (answer, "
+        "reward_model.ground_truth, final_answer)")
+    prompt_template: str | None = Field(
+        None, description="text put to the model, `{problem}` replaced by the prompt; default: "
+        "the Qwen2.5-Math chain-of-thought instruction for files, the bare prompt for the "
+        "built-in task (tasks.prompts.resolved_prompt_format)")
+    system_prompt: str | None = Field(
+        None, description="system message (or, without a chat template, a first paragraph)")
+    chat_template: bool | None = Field(
+        None, description="wrap the prompt in the tokenizer's chat template (true: required); "
+        "default: for files when the tokenizer has one, never for the built-in task")
     verifier: Literal["reversed-integer", "integer", "math"] | None = Field(
         None, description="answer checker; default: reversed-integer (built-in) / math (files)")
-    verifier_timeout_s: float = Field(5.0, gt=0, description="per-answer verifier time limit")
+    answer_extraction: AnswerExtraction = Field(
+        DEFAULT_EXTRACTION, description="math answers: the last \\boxed{}, the last `Answer:` line "
+        "(DAPO-Math-17k's format), or whichever of the two comes last")
+    verifier_timeout_s: float = Field(
+        5.0, gt=0, description="per-answer verifier time limit; a check over it is killed and "
+        "scores 0")
 
     @model_validator(mode="after")
-    def _check_paths(self) -> TaskConfig:
+    def _check(self) -> TaskConfig:
         if self.kind == "file":
             if self.path is None:
                 raise ValueError("task.path is required when task.kind = 'file'")
@@ -37,6 +59,8 @@ class TaskConfig(BaseModel):
                 p = getattr(self, name)
                 if p is not None and not Path(p).is_file():
                     raise ValueError(f"task.{name}: no such file: {p}")
+        if self.prompt_template is not None and "{problem}" not in self.prompt_template:
+            raise ValueError("task.prompt_template must contain {problem}")
         return self
 
     @property

@@ -65,32 +65,35 @@ def arithmetic_problems(seed: int, num_train: int, num_eval: int,
     return problems[:num_train], problems[num_train:]
 
 
-def load_problem_file(path: str | Path, *, id_field: str = "id", prompt_field: str = "prompt",
-                      answer_field: str = "answer") -> list[Problem]:
+# Field names as the usual math datasets publish them; the first one present in a file's first
+# row is used. DAPO-Math-17k (verl parquet): `prompt` (a chat list), `reward_model.ground_truth`,
+# `extra_info.index`; MATH500: `problem`, `answer`, `unique_id`; AIME / AMC: `problem` or
+# `question`, `answer`, sometimes `id`; OlympiadBench: `final_answer`.
+PROMPT_FIELDS = ("prompt", "problem", "question")
+ANSWER_FIELDS = ("answer", "reward_model.ground_truth", "final_answer")
+ID_FIELDS = ("id", "unique_id", "extra_info.index")
+
+
+def load_problem_file(path: str | Path, *, id_field: str | None = None,
+                      prompt_field: str | None = None,
+                      answer_field: str | None = None) -> list[Problem]:
     """Read a jsonl or parquet file of problems (e.g. DAPO-Math-17k, MATH500, AIME).
 
-    Field names are configurable; a missing id field falls back to the row index. Nested
-    fields are addressed with dots (`reward_model.ground_truth`), and a prompt stored as a
-    chat message list uses its last user message.
+    A field not named is detected from the first row (`PROMPT_FIELDS`, `ANSWER_FIELDS`,
+    `ID_FIELDS`); without an id field the row index is the id. Nested fields are addressed
+    with dots (`reward_model.ground_truth`), and a prompt stored as a chat message list uses
+    its last user message.
     """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"problem file not found: {p}")
-    if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(p).to_pylist()
-    elif p.suffix in (".jsonl", ".json"):
-        rows = []
-        with p.open() as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{p}:{lineno}: not valid JSON: {e}") from None
-    else:
-        raise ValueError(f"problem file {p}: unsupported format (use .jsonl or .parquet)")
+    rows = _read_rows(p)
+    if not rows:
+        return []
+    prompt_field = prompt_field or _detect(rows[0], PROMPT_FIELDS, "prompt", p)
+    answer_field = answer_field or _detect(rows[0], ANSWER_FIELDS, "answer", p)
+    id_field = id_field or next((f for f in ID_FIELDS if _field(rows[0], f, p, 0, None)
+                                 is not None), None)
     problems = []
     for i, row in enumerate(rows):
         prompt = _field(row, prompt_field, p, i)
@@ -98,13 +101,39 @@ def load_problem_file(path: str | Path, *, id_field: str = "id", prompt_field: s
             users = [m["content"] for m in prompt if m.get("role") == "user"]
             prompt = users[-1] if users else prompt[-1]["content"]
         answer = _field(row, answer_field, p, i)
-        pid = _field(row, id_field, p, i, default=str(i))
+        pid = str(i) if id_field is None else _field(row, id_field, p, i, default=str(i))
         problems.append(Problem(id=str(pid), prompt=str(prompt), answer=str(answer),
                                 difficulty=str(row.get("level", row.get("difficulty", "")))))
     ids = [q.id for q in problems]
     if len(set(ids)) != len(ids):
         raise ValueError(f"problem file {p}: ids in field {id_field!r} are not unique")
     return problems
+
+
+def _read_rows(p: Path) -> list[dict]:
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(p).to_pylist()
+    if p.suffix not in (".jsonl", ".json"):
+        raise ValueError(f"problem file {p}: unsupported format (use .jsonl or .parquet)")
+    rows = []
+    with p.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{lineno}: not valid JSON: {e}") from None
+    return rows
+
+
+def _detect(row: dict, names: tuple[str, ...], what: str, path: Path) -> str:
+    for name in names:
+        if _field(row, name, path, 0, None) is not None:
+            return name
+    raise ValueError(f"{path}: no {what} field found (looked for {', '.join(names)}; fields: "
+                     f"{sorted(row)}); name it with task.{what}_field")
 
 
 _MISSING = object()
@@ -129,7 +158,7 @@ def load_task(cfg: TaskConfig) -> tuple[list[Problem], list[Problem]]:
         return arithmetic_problems(cfg.seed, cfg.num_problems, cfg.num_eval_problems,
                                    cfg.max_digits)
     fields = dict(id_field=cfg.id_field, prompt_field=cfg.prompt_field,
-                  answer_field=cfg.answer_field)
+                  answer_field=cfg.answer_field)  # None: detected per file
     train = load_problem_file(cfg.path, **fields)  # type: ignore[arg-type]
     held_out = load_problem_file(cfg.eval_path, **fields) if cfg.eval_path else []
     return train, held_out
