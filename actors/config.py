@@ -28,6 +28,9 @@ class ActorConfig(BaseModel):
         "float32", description="engine dtype; float32 on CPU keeps behaviour log-probs equal to "
         "the learner's fp32 recompute, bfloat16 for GPU runs")
     enforce_eager: bool = Field(True, description="skip CUDA graph / compile capture")
+    verifier_workers: int = Field(
+        2, ge=1, description="processes checking answers with a non-trivial verifier (math); "
+        "started on the first such answer, so the built-in task never starts them")
     heartbeat_s: float = Field(2.0, gt=0, description="heartbeat period to the allocator")
     restart_dead: bool = Field(True, description="launcher restarts an actor that died")
     seed: int = Field(0, description="sampling seed (offset by the actor index)")

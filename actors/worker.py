@@ -1,14 +1,18 @@
 """An actor process: a vLLM engine kept busy with granted work, streaming scored groups.
 
-Three threads; the sockets are all owned by the I/O thread:
-- the engine thread (main) only generates: it adds granted samples to the engine's
-  continuous batch, steps it, swaps prepared weight versions in between steps;
+Four threads; the sockets are all owned by the I/O thread:
+- the engine thread (main) only generates: it adds granted prompts (built by
+  `tasks.prompts`, as the evaluations build them) to the engine's continuous batch, steps it,
+  swaps prepared weight versions in between steps;
+- the scoring thread decodes finished groups and scores them in a pool of verifier
+  processes (`tasks.scoring`: a check over `task.verifier_timeout_s` is killed, scores 0 and
+  is counted in `verifier_timeouts`);
 - the I/O thread talks to the allocator (requests work ahead of need, reports stats,
-  heartbeats), the learner (pushes groups) and the weight publisher, and scores samples;
+  heartbeats), the learner (pushes scored groups) and the weight publisher;
 - the weights thread prepares each complete version (on CPU: packs its kernel handles) while
   the engine goes on generating with the old one.
-So generation never waits on a network round-trip or a weight repack, and the network never
-waits on a step.
+So generation never waits on a network round-trip, a verifier or a weight repack, and
+heartbeats and weight acknowledgements never wait on a step or a verifier.
 
 Guarantees:
 - A group holds exactly the n samples of its grant (groups are atomic); every token carries
@@ -54,8 +58,10 @@ from protocol.messages import (
 )
 from protocol.sockets import CurveKeys, SocketOptions, open_socket, recv, send
 from protocol.weights import BufferPool, WeightReceiver
-from tasks.verifiers import Verifier
-from telemetry.spans import close_trace, now_ns, open_trace, record, span
+from tasks.config import TaskConfig
+from tasks.prompts import prompt_token_ids, render_prompt, resolved_prompt_format
+from tasks.scoring import Verifier
+from telemetry.spans import close_trace, now_ns, open_trace, record
 
 log = logging.getLogger("dynamo.actor")
 PHASE_SPAN_NS = 500_000_000  # engine steps / idle polls coalesce into spans of at most 0.5 s
@@ -80,8 +86,9 @@ class Actor:
     def __init__(self, cfg: ActorConfig, model_path: str, endpoints: Endpoints, *,
                  index: int = 0, keys: CurveKeys | None = None,
                  max_message_bytes: int = 512 << 20, metrics_path: Path | None = None,
-                 run_dir: Path | None = None) -> None:
+                 run_dir: Path | None = None, task: TaskConfig | None = None) -> None:
         self.cfg = cfg
+        task = task or TaskConfig()
         self.index = index
         self.actor_id = f"{socket.gethostname()}-a{index}-{os.getpid()}"
         self.endpoints = endpoints
@@ -95,8 +102,18 @@ class Actor:
                              tensor_parallel_size=cfg.tensor_parallel_size,
                              enforce_eager=cfg.enforce_eager)
         self.tokenizer = self.engine.tokenizer
+        self.prompt_format = resolved_prompt_format(task)
+        # Fails here, not at the first grant, when the format cannot be built (chat template).
+        log.info("prompt format %s, e.g. %r", self.prompt_format,
+                 render_prompt(self.tokenizer, "<problem>", self.prompt_format))
+        self.prompt_logged = False
+        self.verifier = Verifier(task.verifier_timeout_s, workers=cfg.verifier_workers,
+                                 answer_extraction=task.answer_extraction)
         self.grants: queue.Queue[WorkGrant] = queue.Queue()
+        # engine thread -> scoring thread -> I/O thread
         self.finished: queue.Queue[tuple[_Group, float]] = queue.Queue()
+        self.scored: queue.Queue[tuple[RolloutGroup, StatsReport]] = queue.Queue()
+        self.failure: BaseException | None = None  # of the scoring thread, re-raised by run()
         # complete versions (version, tensors, buffer): I/O thread -> weights thread, which
         # prepares them (packs new kernel handles while the engine generates) -> engine thread
         self.received: queue.Queue[tuple[int, list, bytearray] | None] = queue.Queue()
@@ -124,6 +141,8 @@ class Actor:
         io.start()
         prep = threading.Thread(target=self._weights_loop, name="actor-weights", daemon=True)
         prep.start()
+        score = threading.Thread(target=self._score_loop, name="actor-score", daemon=True)
+        score.start()
         try:
             self._engine_loop()
         finally:
@@ -131,7 +150,10 @@ class Actor:
             self.received.put(None)
             io.join(timeout=10)
             prep.join(timeout=10)
+            score.join(timeout=10)
             close_trace()
+        if self.failure is not None:
+            raise RuntimeError("the actor's scoring thread failed") from self.failure
 
     def _engine_loop(self) -> None:
         eng = self.engine
@@ -187,7 +209,11 @@ class Actor:
                     break  # in order: wait for the weights this work was issued for
                 waiting.popleft()
                 key = f"{g.grant_id}.{g.lease_id}"
-                ids = self.tokenizer.encode(g.prompt, add_special_tokens=False)
+                ids = prompt_token_ids(self.tokenizer, g.prompt, self.prompt_format)
+                if not self.prompt_logged:
+                    log.info("first prompt as sent (problem %s): %r", g.problem_id,
+                             self.tokenizer.decode(ids))
+                    self.prompt_logged = True
                 active[key] = _Group(g, ids, time.perf_counter())
                 eng.add(key, ids, g.n)
             if eng.busy():
@@ -240,6 +266,44 @@ class Actor:
             log.info("prepared weights v%d in %.3fs", version, (t_end - t) / 1e9)
             self.weights.put((version, update, blob))
 
+    # ================================================================ scoring thread
+    def _score_loop(self) -> None:
+        """Scores finished groups in the verifier pool, several in flight, and hands each to
+        the I/O thread whole, once all its samples are scored."""
+        verifier = self.verifier
+        pending: dict[int, tuple[_Group, float, int]] = {}  # job -> group, gen_s, submit ns
+        jobs = 0
+        try:
+            while not self.stop.is_set():
+                arrived: list[tuple[_Group, float]] = []
+                if not verifier.in_flight():
+                    try:  # idle: wait for the engine
+                        arrived.append(self.finished.get(timeout=0.05))
+                    except queue.Empty:
+                        continue
+                while True:
+                    try:
+                        arrived.append(self.finished.get_nowait())
+                    except queue.Empty:
+                        break
+                for grp, gen_s in arrived:
+                    jobs += 1
+                    pending[jobs] = (grp, gen_s, now_ns())
+                    g = grp.grant
+                    verifier.submit(jobs, [
+                        (g.verifier, self.tokenizer.decode(s.tokens, skip_special_tokens=True),
+                         g.answer) for s in grp.samples])
+                for key, scores in verifier.collect(0.01):
+                    grp, gen_s, t = pending.pop(key)
+                    record("score", t, now_ns(), grant=grp.grant.grant_id, n=grp.grant.n)
+                    self.scored.put(self._messages(grp, gen_s, np.array(scores, np.float32)))
+        except BaseException as e:
+            log.exception("scoring failed")
+            self.failure = e
+            self.stop.set()
+        finally:
+            verifier.close()
+
     # ================================================================ I/O thread
     def _io_loop(self) -> None:
         ctx = zmq.Context()
@@ -253,7 +317,6 @@ class Actor:
                             keys=self.keys, options=opts)
         receiver = WeightReceiver(self.actor_id, version=self.engine.version,
                                   pool=self.weight_buffers)
-        verifier = Verifier()
         to_learner: deque[RolloutGroup] = deque()
         to_alloc: deque[Message] = deque()
         poller = zmq.Poller()
@@ -279,7 +342,7 @@ class Actor:
                     self._try_send(wsock, receiver.hello())  # (re)subscribes after restarts
                     next_beat = now + self.cfg.heartbeat_s
                 if metrics_f is not None and now >= next_metrics:
-                    metrics_f.write(json.dumps(self._metrics(len(to_learner), verifier)) + "\n")
+                    metrics_f.write(json.dumps(self._metrics(len(to_learner))) + "\n")
                     metrics_f.flush()
                     next_metrics = now + 2.0
                 # Ask ahead: keep `prefetch_grants` in hand, one request in flight at a time
@@ -325,15 +388,13 @@ class Actor:
                             self.counters["unexpected_message"] += 1
                 while True:
                     try:
-                        grp, gen_s = self.finished.get_nowait()
+                        group, stats = self.scored.get_nowait()
                     except queue.Empty:
                         break
-                    with span("score", grant=grp.grant.grant_id, n=grp.grant.n):
-                        group, stats = self._score(grp, gen_s, verifier)
                     to_learner.append(group)
                     to_alloc.append(stats)
                     self.held -= 1
-                    self.held_ids.discard(grp.grant.grant_id)
+                    self.held_ids.discard(group.grant_id)
                 t_send, sent = now_ns(), 0
                 while to_learner and self._try_send(push, to_learner[0]):
                     g = to_learner.popleft()
@@ -347,13 +408,13 @@ class Actor:
                     to_alloc.popleft()
         finally:
             if metrics_f is not None:
-                metrics_f.write(json.dumps(self._metrics(len(to_learner), verifier)) + "\n")
+                metrics_f.write(json.dumps(self._metrics(len(to_learner))) + "\n")
                 metrics_f.close()
             for s in (alloc, push, wsock):
                 s.close()
             ctx.term()
 
-    def _metrics(self, outbox: int, verifier: Verifier) -> dict[str, Any]:
+    def _metrics(self, outbox: int) -> dict[str, Any]:
         """Cumulative counters of this actor (one JSON line every 2 s)."""
         return {"time": time.time(), "actor": self.actor_id, "index": self.index,
                 "started_at": self.started_at, "version": self.engine.version,
@@ -365,7 +426,8 @@ class Actor:
                 "cached_prompt_tokens": self.engine.cached_prompt_tokens,
                 "held_grants": self.held,
                 "outbox": outbox, **self.counters,
-                **{f"verifier_{k}": v for k, v in verifier.counters.items()}}
+                # timeouts, errors, crashes, unknown (scoring thread's; a C-level dict copy)
+                **{f"verifier_{k}": v for k, v in dict(self.verifier.counters).items()}}
 
     def _try_send(self, sock: zmq.Socket, msg: Message) -> bool:
         try:
@@ -374,13 +436,12 @@ class Actor:
         except zmq.Again:
             return False
 
-    def _score(self, grp: _Group, gen_s: float, verifier: Verifier
-               ) -> tuple[RolloutGroup, StatsReport]:
+    def _messages(self, grp: _Group, gen_s: float, rewards: np.ndarray
+                  ) -> tuple[RolloutGroup, StatsReport]:
+        """The scored group for the learner and its (k, n) for the allocator."""
         g = grp.grant
         samples = grp.samples
-        rewards = np.array([
-            verifier.score(g.verifier, self.tokenizer.decode(s.tokens, skip_special_tokens=True),
-                           g.answer) for s in samples], dtype=np.float32)
+
         def cat(attr: str, dtype: Any) -> np.ndarray:
             parts = [np.asarray(getattr(s, attr), dtype=dtype) for s in samples]
             return np.concatenate(parts) if parts else np.zeros(0, dtype)

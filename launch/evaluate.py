@@ -6,8 +6,11 @@ Guarantees:
   whole workload; sampling is seeded per problem.
 - A prompt that does not fit the context is never dropped silently: it scores 0 and is
   counted (`prompt_too_long`); so are verifier errors and timeouts.
-- Completions are decoded and checked the way actors score training rollouts
-  (`tokenizer.decode(..., skip_special_tokens=True)`, `tasks.verifiers.Verifier`).
+- Prompts are built and completions decoded and checked the way actors do it for training
+  rollouts (`tasks.prompts` with the config's task settings, `tokenizer.decode(...,
+  skip_special_tokens=True)`, `tasks.scoring.Verifier`). The built-in `arithmetic` benchmark
+  takes the task's format; files take it with the defaults of a math file
+  (`resolved_prompt_format(task, "file")`), which is the training format for a file task.
 - pass@k is the unbiased estimator of Chen et al. (2021); pass@1 is the mean over the k
   samples. The full report (per-problem counts included) goes to `--out`; a table and a
   one-line JSON summary go to stdout.
@@ -20,26 +23,21 @@ import ast
 import json
 import logging
 import math
-import multiprocessing
 import os
 import sys
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from launch.config import ConfigError, RunConfig, load_config
 from tasks.problems import Problem, load_problem_file, load_task
-from tasks.verifiers import Verifier, extract_boxed
+from tasks.prompts import PromptFormat, prompt_token_ids, resolved_prompt_format
+from tasks.scoring import Verifier
+from tasks.verifiers import extract_boxed
 
 log = logging.getLogger("dynamo.eval")
-
-# Qwen2.5-Math chain-of-thought prompt; `{problem}` is replaced (str.format would trip on
-# the braces of \boxed{}).
-MATH_TEMPLATE = ("{problem}\nPlease reason step by step, and put your final answer within "
-                 "\\boxed{}.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +69,7 @@ class Benchmark:
     source: str  # file path, or "built-in" for the config's held-out arithmetic set
     problems: list[Problem]
     verifier: str
-    raw_prompts: bool  # True: prompts go to the model as they are (built-in task)
+    prompt_format: PromptFormat
     duplicates: int = 0  # rows dropped because their prompt and answer repeat an earlier row
 
 
@@ -197,64 +195,17 @@ def benchmarks_of(cfg: RunConfig, specs: list[str]) -> list[Benchmark]:
                 raise ConfigError("--bench arithmetic: the config's task is not the built-in "
                                   "arithmetic task")
             out.append(Benchmark(name, "built-in", load_task(cfg.task)[1],
-                                 cfg.task.verifier_name, raw_prompts=True))
+                                 cfg.task.verifier_name, resolved_prompt_format(cfg.task)))
             continue
         try:
             problems, dups = load_benchmark(name, path)
         except ValueError as e:
             raise ConfigError(f"--bench {spec}: {e}") from None
-        out.append(Benchmark(name, path, problems, "math", raw_prompts=False, duplicates=dups))
+        out.append(Benchmark(name, path, problems, "math",
+                             resolved_prompt_format(cfg.task, "file"), duplicates=dups))
     names = [b.name for b in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"--bench names must differ, got {names}")
-    return out
-
-
-def prompt_ids(tokenizer, problem: str, template: str | None, chat: bool) -> list[int]:
-    """Token ids of a prompt: raw (template None), else templated and, with `chat` and a
-    tokenizer that has one, wrapped in the model's chat template as one user turn."""
-    text = problem if template is None else template.replace("{problem}", problem)
-    if template is not None and chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                             tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-# ------------------------------------------------------------------------------- verifying
-
-
-def _score_chunk(task: tuple[str, float, list[tuple[str, str]]]) -> tuple[list[float], Counter]:
-    verifier_name, timeout_s, items = task
-    v = Verifier(timeout_s)
-    return [v.score(verifier_name, c, a) for c, a in items], v.counters
-
-
-def score_all(jobs: list[tuple[str, list[tuple[str, str]]]], timeout_s: float,
-              workers: int) -> list[tuple[list[float], Counter]]:
-    """(scores, verifier counters) of each job (verifier name, [(completion, answer)]).
-
-    The math verifier (sympy, GIL-bound) runs in `workers` spawned processes (fork is unsafe
-    once the engine holds CUDA); cheap checkers run here.
-    """
-    owner: list[int] = []
-    chunks: list[tuple[str, float, list[tuple[str, str]]]] = []
-    total = sum(len(items) for name, items in jobs if name == "math")
-    size = max(64, math.ceil(total / (4 * max(workers, 1))))
-    for j, (name, items) in enumerate(jobs):
-        step = size if name == "math" else max(len(items), 1)
-        for i in range(0, len(items), step):
-            owner.append(j)
-            chunks.append((name, timeout_s, items[i:i + step]))
-    if workers > 1 and any(c[0] == "math" for c in chunks):
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=ctx) as ex:
-            done = list(ex.map(_score_chunk, chunks))
-    else:
-        done = [_score_chunk(c) for c in chunks]
-    out: list[tuple[list[float], Counter]] = [([], Counter()) for _ in jobs]
-    for j, (scores, counters) in zip(owner, done, strict=True):  # a job's chunks are in order
-        out[j][0].extend(scores)
-        out[j][1].update(counters)
     return out
 
 
@@ -276,10 +227,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most generated tokens (default: the config's actor.max_tokens; "
                         "context length is actor.max_model_len)")
     parser.add_argument("--greedy", action="store_true", help="also score greedy decoding")
-    parser.add_argument("--prompt-template", default=MATH_TEMPLATE,
-                        help="math prompt, `{problem}` is replaced (default: Qwen2.5-Math CoT)")
-    parser.add_argument("--no-chat-template", action="store_true",
-                        help="do not wrap math prompts in the tokenizer's chat template")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes running the math verifier")
@@ -292,8 +239,8 @@ def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     setup_logging("eval")
     if args.k < 1:
         raise ConfigError(f"--k {args.k}: need at least one sample per problem")
-    if "{problem}" not in args.prompt_template:
-        raise ConfigError("--prompt-template must contain {problem}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: need at least one verifier process")
     max_len = cfg.actor.max_model_len
     max_tokens = args.max_tokens or cfg.actor.max_tokens
     if max_tokens >= max_len:
@@ -315,7 +262,6 @@ def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     from vllm import SamplingParams
 
     tok = engine.tokenizer
-    chat = not args.no_chat_template and bool(getattr(tok, "chat_template", None))
     results = [[ProblemResult() for _ in b.problems] for b in benches]
     counters: list[Counter[str]] = [Counter() for _ in benches]  # verifier errors, timeouts
     prompts: list[dict] = []
@@ -323,13 +269,17 @@ def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     owners: list[tuple[int, int, bool]] = []  # (benchmark, problem, greedy) of each request
     examples: dict[str, str] = {}
     for bi, b in enumerate(benches):
-        template = None if b.raw_prompts else args.prompt_template
         for pi, q in enumerate(b.problems):
-            ids = prompt_ids(tok, q.prompt, template, not args.no_chat_template)
+            try:
+                ids = prompt_token_ids(tok, q.prompt, b.prompt_format)
+            except ValueError as e:  # a chat template required and missing
+                raise ConfigError(f"{b.name}: {e}") from None
             if not ids:
                 raise ConfigError(f"{b.name}: the prompt of problem {q.id} tokenizes to nothing "
-                                  f"(template {template!r})")
-            examples.setdefault(b.name, tok.decode(ids))
+                                  f"({b.prompt_format})")
+            if b.name not in examples:
+                examples[b.name] = tok.decode(ids)
+                log.info("%s: first prompt as sent: %r", b.name, examples[b.name])
             if len(ids) >= max_len:  # vLLM refuses it (and the whole batch with it)
                 results[bi][pi].too_long = True
                 continue
@@ -366,22 +316,23 @@ def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
             if not greedy:
                 r.tokens += len(c.token_ids)
                 r.truncated += c.finish_reason == "length"
-    keys = list(jobs)
-    scored = score_all([(benches[bi].verifier, jobs[bi, g]) for bi, g in keys],
-                       cfg.task.verifier_timeout_s, args.workers)
-    for (bi, greedy), (scores, job_counters) in zip(keys, scored, strict=True):
-        for pi, s in zip(slots[bi, greedy], scores, strict=True):
-            r = results[bi][pi]
-            if greedy:
-                r.greedy = s
-            else:
-                r.correct += int(s > 0)
-        counters[bi].update(job_counters)
+    with Verifier(cfg.task.verifier_timeout_s, workers=args.workers,
+                  answer_extraction=cfg.task.answer_extraction) as verifier:
+        for (bi, greedy), items in jobs.items():
+            before = Counter(verifier.counters)
+            scores = verifier.score_many([(benches[bi].verifier, c, a) for c, a in items])
+            for pi, s in zip(slots[bi, greedy], scores, strict=True):
+                r = results[bi][pi]
+                if greedy:
+                    r.greedy = s
+                else:
+                    r.correct += int(s > 0)
+            counters[bi].update(verifier.counters - before)
     t3 = time.perf_counter()
 
     report = {"model": str(model), "k": args.k, "temperature": args.temperature,
               "top_p": args.top_p, "max_tokens": max_tokens, "max_model_len": max_len,
-              "seed": args.seed, "prompt_template": args.prompt_template, "chat_template": chat,
+              "seed": args.seed, "answer_extraction": cfg.task.answer_extraction,
               "benchmarks": {b.name: summarize(b, res, c, args.k, args.greedy)
                              for b, res, c in zip(benches, results, counters, strict=True)},
               "time_s": {"load": round(t1 - t0, 2), "generate": round(t2 - t1, 2),
@@ -405,15 +356,16 @@ def summarize(b: Benchmark, res: list[ProblemResult], counters: Counter[str], k:
     n = max(len(res), 1)
     samples = max(sum(k for r in res if not r.too_long), 1)
     return {
-        "source": b.source, "verifier": b.verifier, "problems": len(res),
+        "source": b.source, "verifier": b.verifier, "prompt_format": asdict(b.prompt_format),
+        "problems": len(res),
         "duplicates_dropped": b.duplicates,
         # A prompt too long for the context counts as k failed samples.
         "pass@1": sum(r.correct / k for r in res) / n,
         "pass@k": sum(pass_at_k(k, r.correct, k) for r in res) / n,
         "greedy": sum(r.greedy or 0.0 for r in res) / n if greedy else None,
         "prompt_too_long": sum(r.too_long for r in res),
-        "verifier_errors": counters["verifier_error"],
-        "verifier_timeouts": counters["verifier_timeout"],
+        "verifier_errors": counters["errors"] + counters["crashes"],
+        "verifier_timeouts": counters["timeouts"],
         "truncated_frac": sum(r.truncated for r in res) / samples,
         "mean_response_tokens": sum(r.tokens for r in res) / samples,
     }

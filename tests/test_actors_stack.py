@@ -25,7 +25,7 @@ from protocol.messages import LearnerProgress, RolloutGroup
 from protocol.sockets import SocketOptions, open_socket, recv, send
 from protocol.weights import WeightPublisher
 from tasks.problems import load_task
-from tasks.verifiers import Verifier
+from tasks.scoring import Verifier
 
 B, N_MEAN, N_MIN, N_MAX = 8, 12, 4, 24
 TEMPERATURE = 0.8
@@ -121,7 +121,7 @@ def _tokenizer(model):
 def test_every_group_has_its_grants_samples_and_verified_rewards(stack):
     groups = stack["receiver"].wait_groups(2 * B)
     problems = {p.id: p for p in load_task(stack["cfg"].task)[0]}
-    tok, verifier = _tokenizer(stack["model"]), Verifier()
+    tok, verifier = _tokenizer(stack["model"]), Verifier(timeout_s=5.0)
     per_round: dict[int, int] = Counter()
     for g in groups:
         assert g.problem_id in problems

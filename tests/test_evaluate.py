@@ -12,15 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from launch.config import ConfigError
-from launch.evaluate import (
-    MATH_TEMPLATE,
-    load_benchmark,
-    main,
-    pass_at_k,
-    prompt_ids,
-    resolve_model,
-)
+from launch.config import ConfigError, RunConfig
+from launch.evaluate import benchmarks_of, load_benchmark, main, pass_at_k, resolve_model
+from tasks.prompts import MATH_TEMPLATE, PromptFormat, resolved_prompt_format
 
 # --- pass@k ------------------------------------------------------------------------------
 
@@ -110,19 +104,21 @@ def test_missing_answer_field_error_names_the_candidates(tmp_path: Path) -> None
 # --- prompts -------------------------------------------------------------------------------
 
 
-def test_math_prompt_uses_the_chat_template_when_the_tokenizer_has_one(tiny_model: Path) -> None:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model)
-    plain = MATH_TEMPLATE.replace("{problem}", "1+2")
-    assert plain.startswith("1+2\nPlease reason step by step") and plain.endswith("\\boxed{}.")
-    assert prompt_ids(tok, "1+2", MATH_TEMPLATE, chat=True) == tok.encode(
-        plain, add_special_tokens=False)  # no chat template: plain text
-    tok.chat_template = ("{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}={% endif %}")
-    assert prompt_ids(tok, "1+2", "{problem}", chat=True) == [2, 4, 13, 5, 14]  # <bos>1+2=
-    assert prompt_ids(tok, "1+2", "{problem}", chat=False) == [4, 13, 5]
-    assert prompt_ids(tok, "1+2=", None, chat=True) == [4, 13, 5, 14]  # raw: built-in task
+def test_benchmarks_take_the_training_format_files_with_math_defaults(tmp_path: Path) -> None:
+    bench = write_rows(tmp_path / "math500.jsonl", [{"problem": "P", "answer": "1"}])
+    arith = RunConfig()
+    got = {b.name: b.prompt_format for b in benchmarks_of(arith, ["arithmetic",
+                                                                   f"math500={bench}"])}
+    # A model trained on the built-in task is asked its own sums bare, math files with CoT.
+    assert got["arithmetic"] == PromptFormat() == resolved_prompt_format(arith.task)
+    assert got["math500"] == PromptFormat(MATH_TEMPLATE, None, None)
+    # A model trained on a file is evaluated on exactly its training format.
+    trained = RunConfig.model_validate({"task": {
+        "kind": "file", "path": str(bench), "prompt_template": "Q: {problem}",
+        "system_prompt": "Be brief.", "chat_template": False}})
+    [b] = benchmarks_of(trained, [f"math500={bench}"])
+    assert b.prompt_format == resolved_prompt_format(trained.task) == PromptFormat(
+        "Q: {problem}", "Be brief.", False)
 
 
 # --- the command, for real -----------------------------------------------------------------
@@ -144,15 +140,15 @@ def test_eval_scores_a_checkpoint_on_held_out_arithmetic_and_a_math500_file(
         tiny_model: Path, tmp_path: Path, capsys) -> None:
     hf = fake_checkpoint(tmp_path / "run", model=tiny_model)
     math500 = write_rows(tmp_path / "math500.jsonl", [
-        {"problem": "1+2", "answer": "3", "unique_id": "test/a/1.json"},
-        {"problem": "12+30", "answer": "42", "unique_id": "test/a/2.json"},
-        {"problem": "1+2", "answer": "3", "unique_id": "test/a/3.json"},  # repeat: dropped
+        {"problem": "1+2=", "answer": "3", "unique_id": "test/a/1.json"},
+        {"problem": "12+30=", "answer": "42", "unique_id": "test/a/2.json"},
+        {"problem": "1+2=", "answer": "3", "unique_id": "test/a/3.json"},  # repeat: dropped
         {"problem": "9" * 70, "answer": "9", "unique_id": "test/a/4.json"},  # > 64 tokens
     ])
     out = tmp_path / "results.json"
     rc = main(["--model", str(tmp_path / "run"), "--bench", "arithmetic",
                "--bench", f"math500={math500}", "--k", "4", "--greedy", "--temperature", "1.0",
-               "--top-p", "1.0", "--prompt-template", "{problem}=", "--out", str(out),
+               "--top-p", "1.0", "--task.prompt_template", "{problem}", "--out", str(out),
                "--task.num_eval_problems", "64", "--network.curve", "false"])
     assert rc == 0
     stdout = capsys.readouterr().out
@@ -169,6 +165,8 @@ def test_eval_scores_a_checkpoint_on_held_out_arithmetic_and_a_math500_file(
     assert 0.1 < arith["pass@1"] <= arith["pass@k"] <= 1 and arith["greedy"] > 0.1
     assert (math["problems"], math["duplicates_dropped"], math["prompt_too_long"]) == (3, 1, 1)
     assert math["verifier"] == "math" and math["pass@1"] == math["pass@k"] == 0.0
+    assert math["prompt_format"] == {"template": "{problem}", "system_prompt": None,
+                                     "chat_template": None}
     assert math["verifier_errors"] == math["verifier_timeouts"] == 0
 
     full = json.loads(out.read_text())
