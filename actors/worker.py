@@ -426,8 +426,8 @@ class Actor:
                 "cached_prompt_tokens": self.engine.cached_prompt_tokens,
                 "held_grants": self.held,
                 "outbox": outbox, **self.counters,
-                # timeouts, errors, crashes, unknown (scoring thread's; a C-level dict copy)
-                **{f"verifier_{k}": v for k, v in dict(self.verifier.counters).items()}}
+                **{f"verifier_{k}": self.verifier.counters.get(k, 0)
+                   for k in ("timeouts", "errors", "crashes", "unknown")}}
 
     def _try_send(self, sock: zmq.Socket, msg: Message) -> bool:
         try:
