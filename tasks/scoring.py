@@ -23,7 +23,7 @@ import multiprocessing
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -70,8 +70,7 @@ class _Worker:
 @dataclass(slots=True)
 class _Job:
     scores: list[float]
-    left: int
-    started: float = field(default_factory=time.monotonic)
+    left: int  # answers still being checked in the pool
 
 
 class Verifier:

@@ -71,12 +71,6 @@ def _last_answer_line(text: str) -> tuple[int, str] | None:
     return last.start(), value
 
 
-def extract_answer_line(text: str) -> str | None:
-    """Value of the last line of the form `Answer: ...` (DAPO-Math-17k's format), or None."""
-    found = _last_answer_line(text)
-    return None if found is None else found[1]
-
-
 def extract_answer(text: str, extraction: AnswerExtraction = DEFAULT_EXTRACTION) -> str | None:
     """The final answer a completion states: its last \\boxed{} (`boxed`), its last
     `Answer:` line (`answer_line`), or (`either`) whichever of the two comes last in the text,

@@ -18,7 +18,6 @@ from tasks.verifiers import (
     check_math,
     check_reversed_integer,
     extract_answer,
-    extract_answer_line,
 )
 
 # --- built-in arithmetic -----------------------------------------------------------------
@@ -202,7 +201,7 @@ def test_extraction_modes_read_only_their_format() -> None:
     assert check_math(boxed, "0.75", "boxed") and not check_math(line, "0.75", "boxed")
     assert check_math(line, "0.75", "answer_line") and not check_math(boxed, "0.75",
                                                                        "answer_line")
-    assert extract_answer_line("Answer:\nnothing on that line") is None
+    assert extract_answer("Answer:\nnothing on that line", "answer_line") is None
 
 
 # --- dataset schemas as published, loaded without field flags ------------------------------
