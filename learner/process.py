@@ -215,6 +215,11 @@ def run_learner(s: LearnerSetup) -> int:
             if s.keys is not None:
                 auth.stop()
             ctx.term()
+        if world > 1:
+            try:  # ranks tear the group down together (a rank leaving early aborted another)
+                dist.barrier()
+            except Exception as e:  # a peer is already gone: nothing left to wait for
+                log.warning("no barrier before teardown: %s", e)
         dist.destroy_process_group()
     return 0
 

@@ -117,3 +117,51 @@ def test_one_update_per_batch_keeps_the_ratio_at_one(tiny_model, tmp_path):
     assert st["updates"] == 1
     assert st["ratio/min"] == pytest.approx(1.0) and st["ratio/max"] == pytest.approx(1.0)
     assert st["clip/high"] == st["clip/low"] == st["clip/dual"] == 0.0
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_run_with_two_ranks_publishes_to_a_real_actor_checkpoints_and_resumes(tiny_model,
+                                                                             tmp_path, stage):
+    """`dynamo-rl run` with learner.ranks 2: allocator, a vLLM CPU actor and two DeepSpeed
+    ranks as processes; two optimizer updates per batch (mini-batches of 8 of 16 groups)."""
+    from conftest import make_config
+
+    run_dir = tmp_path / f"z{stage}"
+    cfg = make_config(run_dir, tiny_model,
+                      allocator={"batch_prompts": 16, "n_mean": 8, "n_min": 4, "n_max": 16,
+                                 "max_staleness": 2},
+                      learner={"ranks": 2, "zero_stage": stage, "total_steps": 10,
+                               "prompts_per_step": 16, "mini_batch_prompts": 8,
+                               "micro_batch_seqs": 16, "eval_every": 0,
+                               "checkpoint_every": 5,
+                               # all groups train (the paper's setting), so every batch
+                               # takes exactly its two updates
+                               "skip_zero_signal": False})
+
+    def run(*args: str) -> None:
+        r = subprocess.run([sys.executable, "-m", "launch.cli", "run", str(cfg), *args],
+                           cwd=REPO, capture_output=True, text=True, timeout=400)
+        logs = "".join(p.read_text()[-3000:] for p in (run_dir / "logs").glob("learner*.log"))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + logs
+        assert "terminate called" not in logs  # every rank tore down cleanly
+
+    run()
+    recs = [r for r in _metrics(run_dir) if r["step"] > 0]
+    assert [r["step"] for r in recs] == list(range(1, 11))
+    for r in recs:
+        assert r["dp/weights_identical"] == 1.0, r
+        assert r["updates"] == 2 and r["version"] == 2 * r["step"], r
+        assert r["staleness/max"] <= 2
+    # The actor applied the last version the learner published (its own log says so).
+    actor_log = (run_dir / "logs" / "actor0.log").read_text()
+    assert "applied weights v20 " in actor_log
+    assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "step0000010"
+
+    run("--resume", str(run_dir), "--learner.total_steps", "12")
+    after = [r for r in _metrics(run_dir) if r["step"] > 0][len(recs):]
+    assert [(r["step"], r["version"]) for r in after] == [(11, 22), (12, 24)]
+    assert all(r["dp/weights_identical"] == 1.0 for r in after)
