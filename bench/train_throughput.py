@@ -3,12 +3,13 @@
 Builds a model from a config (default: the Qwen2.5-0.5B shape, random weights, no download),
 feeds the learner synthetic rollout groups with the shape of a real RL batch (prompts x n
 samples of varied length, binary rewards, behaviour log-probs) and times whole optimizer
-steps: πold recompute, forward/backward over micro-batches, optimizer step.
+steps: πold recompute (mini-batches after the first), forward/backward over micro-batches,
+optimizer step(s).
 
 FLOPs per processed token (N = parameters, the tied LM head counted once; L layers, d
 hidden size, s the sequence length; causal attention halves the score/value products):
     training pass  6N + 6·L·d·s     (forward + backward)
-    πold recompute 2N + 2·L·d·s     (forward only)
+    πold recompute 2N + 2·L·d·s     (forward only; all mini-batches but the first)
 MFU = training-pass FLOPs per second / the device's dense bf16 peak (the usual definition);
 "step FLOP utilisation" also counts the recompute. Final line: JSON.
 
@@ -94,9 +95,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="dense bf16 peak of the device (default: looked up by name)")
-    ap.add_argument("--unsorted-masked", action="store_true",
-                    help="for comparison: micro-batches in arrival order, padding mask passed "
-                    "to attention (the learner before length-sorting and mask-free attention)")
+    ap.add_argument("--mini-batch", type=int, default=None,
+                    help="groups per optimizer update (default: all, one update per step)")
+    ap.add_argument("--micro-batch-tokens", type=int, default=None,
+                    help="token budget of a micro-batch (default: --micro-batch rows)")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, profile one more and print the top kernels")
     ap.add_argument("--seed", type=int, default=0)
@@ -106,18 +109,6 @@ def main() -> None:
     from learner.objective import PRESETS as OBJECTIVES
     from learner.trainer import Trainer, init_distributed
 
-    if args.unsorted_masked:
-        import learner.trainer as tr
-        from learner.batch import micro_batches
-
-        tr.micro_batches_by_length = lambda b, size: micro_batches(b.mask.shape[0], size)
-
-        def masked_logits(self, mb, module):
-            out = module(input_ids=mb.input_ids.to(self.device),
-                         attention_mask=mb.attention_mask.to(self.device))
-            return out.logits[:, :-1].float() / self.temperature
-
-        Trainer._logits = masked_logits
     cuda = torch.cuda.is_available()
     dtype = args.dtype or ("bf16" if cuda else "fp32")
     if args.preset == "tiny" and not cuda:
@@ -134,6 +125,9 @@ def main() -> None:
         print(f"built {args.preset}: {n_params / 1e6:.1f}M parameters in "
               f"{time.perf_counter() - t:.1f}s", flush=True)
         cfg = LearnerConfig(prompts_per_step=args.prompts, micro_batch_seqs=args.micro_batch,
+                            mini_batch_prompts=args.mini_batch,
+                            micro_batch_tokens=args.micro_batch_tokens,
+                            gradient_checkpointing=args.gradient_checkpointing,
                             dtype=dtype, zero_stage=args.zero_stage, lr=1e-6, warmup_steps=0,
                             seed=args.seed)
         trainer = Trainer(cfg, OBJECTIVES["dynamo"], str(model_dir), temperature=1.0)
@@ -154,7 +148,11 @@ def main() -> None:
         dt = time.perf_counter() - t0
         tokens = int(seq_lens.sum())
         train_flops = float(((6 * n_params + 6 * L * d * seq_lens) * seq_lens).sum())
-        recompute_flops = float(((2 * n_params + 2 * L * d * seq_lens) * seq_lens).sum())
+        # πold is recomputed for every mini-batch but the first (which takes it from its own
+        # forward pass)
+        n_mini = -(-args.prompts // (args.mini_batch or args.prompts))
+        recompute_flops = float(((2 * n_params + 2 * L * d * seq_lens) * seq_lens).sum()) \
+            * (n_mini - 1) / n_mini
         row = {"step": i, "timed": i >= args.warmup, "seconds": dt, "tokens": tokens,
                "completion_tokens": int(stats["train_tokens"]),
                "train_flops": train_flops, "recompute_flops": recompute_flops,
@@ -183,7 +181,9 @@ def main() -> None:
     tok = sum(r["tokens"] for r in timed)
     result = {
         "device": device_name, "preset": args.preset, "params": n_params, "dtype": dtype,
-        "zero_stage": args.zero_stage, "unsorted_masked": args.unsorted_masked,
+        "zero_stage": args.zero_stage, "mini_batch": args.mini_batch,
+        "micro_batch_tokens": args.micro_batch_tokens,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "backend": torch.distributed.get_backend(),
         "micro_batch": args.micro_batch, "sequences_per_step": args.prompts * args.n,
         "mean_seq_len": tok / max(len(timed), 1) / (args.prompts * args.n),

@@ -5,8 +5,9 @@ without ever materialising [S, L, V] logits.
 forward returns what the objective needs. Its forward runs the transformer body once, keeps
 the last hidden state of the completion positions only (`mask`), and applies the LM head to
 them in chunks of `chunk_tokens` positions. Each chunk is checkpointed: the forward keeps only
-the chunk's hidden states, and backward recomputes the chunk's logits. So the logits alive at
-any time are [chunk_tokens, V] in float32, whatever S, L and V are.
+the chunk's hidden states, and backward recomputes the chunk's logits (a single chunk is kept
+for backward instead: it fits the budget). So the logits alive at any time are about
+[chunk_tokens, V] in float32, whatever S, L and V are.
 
 Invariants:
 - Exact: log π and H equal those of the full-logits path (logits / T, float32 log-softmax) to
@@ -53,7 +54,7 @@ def chunked_logp_entropy(head: nn.Module, h: Tensor, tokens: Tensor, temperature
     bounds = torch.linspace(0, h.shape[0], n_chunks + 1).round().long().tolist()
     logps, ents = [], []
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and n_chunks > 1:  # one chunk: its logits fit the budget
             lp, en = checkpoint(_head_logp_entropy, head, h[a:b], tokens[a:b], temperature,
                                 use_reentrant=False)
         else:
