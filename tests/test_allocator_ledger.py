@@ -146,6 +146,18 @@ def test_pacing_holds_fresh_work_until_the_learner_consumes() -> None:
     assert all(g.issued_version == 1 for g in more)
 
 
+@pytest.mark.parametrize(("max_staleness", "updates", "batches"),
+                         [(2, 1, 2), (8, 4, 2), (7, 4, 1), (4, 4, 1), (0, 4, 1)])
+def test_the_pacing_window_counts_batches_of_optimizer_updates(max_staleness, updates,
+                                                               batches) -> None:
+    """A batch of prompts_per_step groups takes `updates` policy versions, so a bound of s
+    versions keeps s // updates batches (at least one) of work outstanding."""
+    led = Ledger(PROBLEMS, CFG, rule="variance", verifier="integer", prompts_per_step=4,
+                 max_staleness=max_staleness, updates_per_batch=updates)
+    assert len(grants(led, 100)) == 4 * batches
+    assert isinstance(led.request("a", 1, 0.0), NoWork)
+
+
 def test_live_actors_share_the_window_fairly() -> None:
     led = ledger(max_staleness=2, prompts_per_step=4)  # window of 8 groups
     led.heartbeat("b", [], now=0.0)  # two live actors

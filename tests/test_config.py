@@ -180,3 +180,30 @@ def test_cli_separates_overrides_from_its_own_arguments() -> None:
     assert own == ["actor", "cfg.toml", "--index", "3", "--resume=runs/x.y"]
     assert overrides == ["--learner.lr", "1e-6", "--preset=grpo", "--run-dir", "runs/a.b"]
     assert load_config(None, overrides).run_dir == Path("runs/a.b")
+
+
+@pytest.mark.parametrize(("overrides", "names"), [
+    (["--learner.zero_stage", "2", "--learner.grad_variance_every", "5"],
+     ["learner.grad_variance_every", "zero_stage"]),
+    (["--learner.ranks", "2", "--learner.grad_variance_every", "5"],
+     ["learner.grad_variance_every", "ranks = 2"]),
+    (["--learner.ranks", "2", "--learner.zero_stage", "3", "--learner.eval_every", "10"],
+     ["learner.eval_every", "zero_stage = 3"]),
+    (["--learner.prompts_per_step", "32", "--learner.mini_batch_prompts", "12"],
+     ["learner.prompts_per_step = 32", "learner.mini_batch_prompts = 12"]),
+    (["--learner.mini_batch_prompts", "8", "--allocator.max_staleness", "2"],
+     ["allocator.max_staleness = 2", "4 optimizer updates"]),
+])
+def test_learner_configs_that_cannot_run_are_refused_naming_the_fields(overrides, names):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    for name in names:
+        assert name in str(e.value), str(e.value)
+
+
+def test_sync_mode_accepts_mini_batches_and_the_paper_shape_passes() -> None:
+    cfg = load_config(None, ["--mode", "sync", "--learner.mini_batch_prompts", "8"])
+    assert cfg.learner.updates_per_batch == 4 and cfg.max_staleness == 0
+    cfg = load_config(None, ["--learner.mini_batch_prompts", "8", "--learner.ppo_epochs", "2",
+                             "--allocator.max_staleness", "16"])
+    assert cfg.learner.updates_per_batch == 8

@@ -36,13 +36,16 @@ def test_paper_config_has_the_papers_hyper_parameters(name: str, local_paths: li
     cfg = load_config(CONFIGS / name, local_paths)
     lr, al, ac = cfg.learner, cfg.allocator, cfg.actor
     assert (lr.lr, lr.warmup_steps, lr.weight_decay, lr.grad_clip) == (1e-6, 10, 0.1, 1.0)
-    # 512 prompts per rollout batch, one optimizer step per mini-batch of 32 prompts.
-    assert (al.batch_prompts, lr.prompts_per_step) == (512, 32)
+    # 512 prompts per rollout batch, one optimizer update per mini-batch of 32 prompts: 16
+    # updates (policy versions) per batch, and a staleness bound that admits one batch in
+    # flight.
+    assert (al.batch_prompts, lr.prompts_per_step, lr.mini_batch_prompts) == (512, 512, 32)
+    assert lr.updates_per_batch == 16 and cfg.max_staleness >= 16
     assert (al.n_mean, al.n_min, al.n_max) == (16, 8, 24) and al.round_total == 512 * 16
     assert (ac.temperature, ac.top_p) == (1.0, 1.0)
     assert (ac.dtype, lr.dtype, lr.zero_stage) == ("bfloat16", "bf16", SIZES[name])
     assert ac.max_tokens < ac.max_model_len <= 4096  # Qwen2.5-Math's context
-    assert (lr.eval_every, lr.checkpoint_every, cfg.network.curve) == (0, 50, True)
+    assert (lr.eval_every, lr.checkpoint_every, cfg.network.curve) == (0, 5, True)
     assert cfg.preset == "dynamo" and cfg.budget_rule == "variance"
 
 
