@@ -136,7 +136,8 @@ def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
         max_staleness=cfg.max_staleness,
         allocator=net.allocator, rollouts=net.bind(net.rollout_port),
         weights=net.bind(net.weights_port),
-        held_out=held_out, verifier=cfg.task.verifier_name, keys=keys, client_keys=clients,
+        held_out=held_out, verifier=cfg.task.verifier_name, task=cfg.task, keys=keys,
+        client_keys=clients,
         max_message_bytes=net.max_message_mib << 20)
     return run_learner(setup)
 

@@ -57,13 +57,15 @@ def _scores(model, tokenizer, problems: list[Problem], verifier: Verifier, verif
 
 def evaluate_held_out(model, tokenizer, problems: list[Problem], verifier_name: str, *,
                       max_new_tokens: int, temperature: float, k: int = 4,
-                      batch_size: int = 256, seed: int = 1234) -> dict[str, float]:
-    """`eval/acc[_bucket]` (greedy) and `eval/pass1[_bucket]` (k samples at temperature)."""
+                      batch_size: int = 256, seed: int = 1234,
+                      task: TaskConfig | None = None) -> dict[str, float]:
+    """`eval/acc[_bucket]` (greedy) and `eval/pass1[_bucket]` (k samples at temperature),
+    scored with the task's verifier time limit and answer extraction (as the actors do)."""
+    task = task or TaskConfig()
     was_training = model.training
     model.eval()
     res: dict[str, float] = {}
-    # The task's default limit and extraction: the learner is not told the configured ones.
-    with Verifier(TaskConfig().verifier_timeout_s) as verifier:
+    with Verifier(task.verifier_timeout_s, answer_extraction=task.answer_extraction) as verifier:
         greedy = _scores(model, tokenizer, problems, verifier, verifier_name, sample=False, k=1,
                          temperature=1.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
         state = torch.get_rng_state()

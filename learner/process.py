@@ -25,6 +25,7 @@ from learner.config import LearnerConfig
 from learner.objective import PRESETS, ObjectiveConfig
 from learner.trainer import Trainer, init_distributed, metrics_line, send_progress
 from protocol.sockets import CurveKeys, SocketOptions, open_socket
+from tasks.config import TaskConfig
 from tasks.problems import Problem
 from telemetry.spans import now_ns, open_trace, record, span
 
@@ -43,8 +44,9 @@ class LearnerSetup:
     allocator: str  # endpoints
     rollouts: str
     weights: str
-    held_out: list[Problem]
+    held_out: list[Problem]  # rendered in the actors' prompt format
     verifier: str
+    task: TaskConfig | None = None  # verifier time limit and answer extraction
     keys: CurveKeys | None = None
     client_keys: set[bytes] | None = None
     max_message_bytes: int = 512 << 20
@@ -242,7 +244,8 @@ def evaluate(trainer: Trainer, tokenizer, s: LearnerSetup) -> dict[str, float]:
     t = time.perf_counter()
     with span("eval", version=trainer.version):
         res = evaluate_held_out(trainer.lm, tokenizer, s.held_out, s.verifier,
-                                max_new_tokens=s.max_tokens, temperature=s.temperature)
+                                max_new_tokens=s.max_tokens, temperature=s.temperature,
+                                task=s.task)
     res["time/eval"] = time.perf_counter() - t
     return res
 
