@@ -52,7 +52,9 @@ from protocol.messages import (
     RolloutGroup,
     StatsReport,
     WeightAnnounce,
+    WeightBroadcast,
     WeightChunk,
+    WeightGroupJoin,
     WorkGrant,
     WorkRequest,
 )
@@ -80,6 +82,7 @@ class Endpoints:
     allocator: str
     rollouts: str
     weights: str
+    weights_backend: str = "zmq"  # "broadcast": offer to join the learner's broadcast group
 
 
 class Actor:
@@ -122,6 +125,7 @@ class Actor:
         self.weight_buffers = BufferPool()
         self.stop = threading.Event()
         self.counters: Counter[str] = Counter()
+        self.member = None  # the broadcast backend's member thread (broadcast backend only)
         self.held = 0  # grants received and not yet sent back (I/O thread's view)
         self.held_ids: set[int] = set()
         self.engine_busy_s = 0.0
@@ -317,6 +321,7 @@ class Actor:
                             keys=self.keys, options=opts)
         receiver = WeightReceiver(self.actor_id, version=self.engine.version,
                                   pool=self.weight_buffers)
+        member = self.member = self._broadcast_member(receiver)
         to_learner: deque[RolloutGroup] = deque()
         to_alloc: deque[Message] = deque()
         poller = zmq.Poller()
@@ -340,6 +345,8 @@ class Actor:
                     if not self._try_send(alloc, beat):
                         to_alloc.append(beat)
                     self._try_send(wsock, receiver.hello())  # (re)subscribes after restarts
+                    if member is not None:
+                        self._try_send(wsock, member.offer())  # joins at the next epoch
                     next_beat = now + self.cfg.heartbeat_s
                 if metrics_f is not None and now >= next_metrics:
                     metrics_f.write(json.dumps(self._metrics(len(to_learner))) + "\n")
@@ -382,10 +389,15 @@ class Actor:
                                 log.info("received weights v%d (%.1f MB) in %.3fs at %.6f",
                                          done[0], len(done[2]) / 1e6,
                                          time.perf_counter() - announced_at, time.time())
+                        elif isinstance(msg, WeightGroupJoin | WeightBroadcast) \
+                                and member is not None:
+                            member.submit(msg)  # its thread joins the group / receives
                         elif isinstance(msg, Error):
                             log.warning("peer error %s: %s", msg.code, msg.message)
                         else:
                             self.counters["unexpected_message"] += 1
+                while member is not None and not member.outbox.empty():
+                    self._try_send(wsock, member.outbox.get())
                 while True:
                     try:
                         group, stats = self.scored.get_nowait()
@@ -410,9 +422,25 @@ class Actor:
             if metrics_f is not None:
                 metrics_f.write(json.dumps(self._metrics(len(to_learner))) + "\n")
                 metrics_f.close()
+            if member is not None:
+                member.close()
             for s in (alloc, push, wsock):
                 s.close()
             ctx.term()
+
+    def _broadcast_member(self, receiver: WeightReceiver):
+        """The broadcast backend's member thread, or None (ZeroMQ only) with the reason
+        logged when the broadcast cannot run here."""
+        if self.endpoints.weights_backend != "broadcast":
+            return None
+        from protocol.broadcast import BroadcastMember
+
+        host, port = self.endpoints.weights.removeprefix("tcp://").rsplit(":", 1)
+        try:
+            return BroadcastMember(receiver, self.received, host, int(port))
+        except Exception as e:  # noqa: BLE001 - e.g. no route: ZeroMQ still carries weights
+            log.warning("weights broadcast unavailable here (%s): weights come over ZeroMQ", e)
+            return None
 
     def _metrics(self, outbox: int) -> dict[str, Any]:
         """Cumulative counters of this actor (one JSON line every 2 s)."""
@@ -426,6 +454,8 @@ class Actor:
                 "cached_prompt_tokens": self.engine.cached_prompt_tokens,
                 "held_grants": self.held,
                 "outbox": outbox, **self.counters,
+                **({f"broadcast_{k}": v for k, v in self.member.counters.items()}
+                   if self.member is not None else {}),
                 **{f"verifier_{k}": self.verifier.counters.get(k, 0)
                    for k in ("timeouts", "errors", "crashes", "unknown")}}
 

@@ -96,7 +96,8 @@ def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
     path = model_path(cfg, progress=False)
     keys, _ = run_keys(cfg, "actor")
     net = cfg.network
-    ep = Endpoints(allocator=net.allocator, rollouts=net.rollouts, weights=net.weights)
+    ep = Endpoints(allocator=net.allocator, rollouts=net.rollouts, weights=net.weights,
+                   weights_backend=net.weights_backend)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     actor = Actor(cfg.actor, path, ep, index=args.index, keys=keys,
                   max_message_bytes=net.max_message_mib << 20,
@@ -130,6 +131,8 @@ def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
     keys, clients = run_keys(cfg, "learner")
     net = cfg.network
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    from protocol.weights import BroadcastSettings
+
     setup = LearnerSetup(
         cfg=cfg.learner, preset=cfg.preset, model_path=path,
         run_dir=cfg.run_dir, temperature=cfg.actor.temperature, max_tokens=cfg.actor.max_tokens,
@@ -138,7 +141,12 @@ def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
         weights=net.bind(net.weights_port),
         held_out=held_out, verifier=cfg.task.verifier_name, task=cfg.task, keys=keys,
         client_keys=clients,
-        max_message_bytes=net.max_message_mib << 20)
+        max_message_bytes=net.max_message_mib << 20,
+        broadcast=BroadcastSettings(
+            host=net.learner_host or net.host, port=net.weights_group_port,
+            timeout_s=net.broadcast_timeout_s,
+            chunk_bytes=int(net.broadcast_chunk_mib * (1 << 20)))
+        if net.weights_backend == "broadcast" else None)
     return run_learner(setup)
 
 

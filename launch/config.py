@@ -67,6 +67,17 @@ class NetworkConfig(BaseModel):
     allocator_port: int = Field(5710, ge=1, le=65535, description="allocator ROUTER port")
     rollout_port: int = Field(5711, ge=1, le=65535, description="learner rollout PULL port")
     weights_port: int = Field(5712, ge=1, le=65535, description="learner weights ROUTER port")
+    weights_backend: Literal["zmq", "broadcast"] = Field(
+        "zmq", description="how weights reach actors: zmq (one CURVE transfer per actor from the "
+        "learner) or broadcast (one copy down a pipelined chain of actors in a gloo/NCCL process "
+        "group; control stays on zmq, which also carries catch-up and fallback)")
+    weights_group_port: int = Field(
+        5713, ge=1, le=65535, description="broadcast backend: the learner's rendezvous port")
+    broadcast_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="broadcast backend: forming a group and each transfer "
+        "time out after this (then the group is rebuilt without the dead members)")
+    broadcast_chunk_mib: float = Field(
+        4.0, gt=0, description="broadcast backend: chunk of the pipelined chain")
     curve: bool = Field(True, description="authenticate and encrypt with CURVE (run's keys)")
     max_message_mib: int = Field(512, ge=1, description="largest accepted message")
 
@@ -116,6 +127,8 @@ class RunConfig(BaseModel):
                 f"during a batch would be dropped as stale; use a multiple of {u}, or mode = "
                 f"\"sync\"")
         ports = [self.network.allocator_port, self.network.rollout_port, self.network.weights_port]
+        if self.network.weights_backend == "broadcast":
+            ports.append(self.network.weights_group_port)
         if len(set(ports)) != len(ports):
             raise ValueError(f"network ports must differ, got {ports}")
         return self

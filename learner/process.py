@@ -25,6 +25,7 @@ from learner.config import LearnerConfig
 from learner.objective import PRESETS, ObjectiveConfig
 from learner.trainer import Trainer, init_distributed, metrics_line, send_progress
 from protocol.sockets import CurveKeys, SocketOptions, open_socket
+from protocol.weights import BroadcastSettings
 from tasks.config import TaskConfig
 from tasks.problems import Problem
 from telemetry.spans import now_ns, open_trace, record, span
@@ -50,6 +51,7 @@ class LearnerSetup:
     keys: CurveKeys | None = None
     client_keys: set[bytes] | None = None
     max_message_bytes: int = 512 << 20
+    broadcast: BroadcastSettings | None = None  # the broadcast weights backend
 
 
 def objective_config(cfg: LearnerConfig, preset: str) -> ObjectiveConfig:
@@ -102,7 +104,14 @@ def run_learner(s: LearnerSetup) -> int:
         wsock = open_socket(ctx, zmq.ROUTER, s.weights, bind=True, keys=s.keys,
                             options=SocketOptions(sndhwm=256,
                                                   max_message_bytes=s.max_message_bytes))
-        publisher = WeightPublisher(wsock)
+        try:
+            publisher = WeightPublisher(wsock, broadcast=s.broadcast)
+            if s.broadcast is not None:
+                log.info("weights backend: broadcast (rendezvous %s:%d), ZeroMQ for catch-up",
+                         s.broadcast.host, s.broadcast.port)
+        except Exception as e:  # noqa: BLE001 - e.g. the rendezvous port is taken
+            log.warning("weights backend broadcast cannot run here (%s): using ZeroMQ", e)
+            publisher = WeightPublisher(wsock)
         alloc = open_socket(ctx, zmq.DEALER, s.allocator, bind=False, keys=s.keys)
         metrics_f = (s.run_dir / "metrics.jsonl").open("a")
         writer = ScalarWriter(s.run_dir, os.environ.get("DYNAMO_WANDB_PROJECT"),

@@ -23,7 +23,7 @@ import numpy as np
 
 from protocol.errors import ArrayMismatch, FieldTypeError, InvalidValue
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: grant MACs, learner sessions and receipts
 
 # A behaviour log-prob may round to slightly above 0 in float32 (p == 1 after temperature).
 LOGPROB_EPS = 1e-4
@@ -191,9 +191,10 @@ class Bytes(Spec):
         return v
 
 
-def wire(spec: Spec) -> Any:
-    """Declare a required dataclass field together with its wire spec."""
-    return field(metadata={"spec": spec})
+def wire(spec: Spec, **default: Any) -> Any:
+    """Declare a dataclass field together with its wire spec; `default=` or
+    `default_factory=` make it optional in constructors (it always travels on the wire)."""
+    return field(metadata={"spec": spec}, **default)
 
 
 # ---------------------------------------------------------------- message base
@@ -256,6 +257,7 @@ _BOOL = np.dtype("|b1")
 _ID = Str(ID_LEN, min_len=1)
 _COUNT = Int(lo=0)
 _VERSION = Int(lo=0)
+_MAC = Str(32, pattern="(?:[0-9a-f]{32})?")  # protocol.auth.grant_mac; "" without CURVE
 
 
 # ---------------------------------------------------------------- allocator <-> actor
@@ -287,6 +289,7 @@ class WorkGrant(Message):
     n: int = wire(Int(lo=1, hi=MAX_SAMPLES))
     lease_s: float = wire(Float(lo=0.0))
     issued_version: int = wire(_VERSION)
+    mac: str = wire(_MAC, default="")  # the allocator's MAC of this grant, for the learner
 
 
 @register
@@ -378,6 +381,7 @@ class RolloutGroup(Message):
     rewards: np.ndarray = wire(Array(_F32, MAX_SAMPLES))
     finished: np.ndarray = wire(Array(_BOOL, MAX_SAMPLES))  # True: EOS, False: truncated
     gen_seconds: float = wire(Float(lo=0.0))
+    grant_mac: str = wire(_MAC, default="")  # WorkGrant.mac of the grant, echoed
 
     def _check(self) -> None:
         t = self.TYPE
@@ -451,13 +455,18 @@ class RolloutGroup(Message):
 @register
 @dataclass(slots=True, frozen=True, eq=False)
 class LearnerProgress(Message):
-    """Learner's position: current policy version and what it has consumed or dropped."""
+    """Learner's position: current policy version and what it has consumed or dropped;
+    `session` is drawn anew by each learner process (a change marks a restart, the only time
+    consumed_groups may go backwards); `received` lists grant ids whose groups reached the
+    learner since its previous progress message (receipts)."""
 
     TYPE: ClassVar[str] = "LearnerProgress"
     version: int = wire(_VERSION)
     consumed_groups: int = wire(_COUNT)
     consumed_samples: int = wire(_COUNT)
     dropped_stale: int = wire(_COUNT)
+    session: int = wire(_COUNT, default=0)
+    received: list[int] = wire(ListOf(_COUNT, LIST_LEN), default_factory=list)
 
 
 # ---------------------------------------------------------------- learner -> actors: weights
@@ -549,3 +558,68 @@ class WeightAck(Message):
     actor_id: str = wire(_ID)
     version: int = wire(_VERSION)
     next_index: int = wire(_COUNT)
+
+
+# ---------------------------------------------------------------- collective weight broadcast
+# Control of the `broadcast` weights backend travels on the weights socket; the bytes travel
+# in a torch process group (gloo on CPU, NCCL on GPU) of the learner (rank 0) and the actors.
+
+
+@register
+@dataclass(slots=True, frozen=True, eq=False)
+class WeightGroupJoin(Message):
+    """Learner -> actor: enter broadcast group `epoch` as `rank` of `world` (rank 0 is the
+    learner), rendezvous at host:port, collectives time out after timeout_s."""
+
+    TYPE: ClassVar[str] = "WeightGroupJoin"
+    epoch: int = wire(Int(lo=1))
+    rank: int = wire(Int(lo=1))
+    world: int = wire(Int(lo=2, hi=1 << 16))
+    host: str = wire(Str(255, min_len=1))
+    port: int = wire(Int(lo=1, hi=65535))
+    timeout_s: float = wire(Float())
+
+    def _check(self) -> None:
+        if self.rank >= self.world:
+            raise InvalidValue(f"rank {self.rank} outside a world of {self.world}",
+                               msg_type=self.TYPE, field="rank")
+        if not 0 < self.timeout_s <= 3600:
+            raise InvalidValue(f"timeout_s must be in (0, 3600], got {self.timeout_s}",
+                               msg_type=self.TYPE, field="timeout_s")
+
+
+@register
+@dataclass(slots=True, frozen=True, eq=False)
+class WeightGroupReady(Message):
+    """Actor -> learner: it can take part in broadcasts (epoch 0: an offer, sent with its
+    hello), or it joined group `epoch` (ok) or failed to (not ok)."""
+
+    TYPE: ClassVar[str] = "WeightGroupReady"
+    actor_id: str = wire(_ID)
+    epoch: int = wire(_COUNT)
+    ok: bool = wire(Bool())
+
+
+@register
+@dataclass(slots=True, frozen=True, eq=False)
+class WeightBroadcast(Message):
+    """Learner -> group member: `version` follows as n_chunks collective broadcasts of
+    chunk_bytes (the last may be shorter) in group `epoch`; `tensors` lays the blob out as in
+    a `WeightAnnounce`, crc32c is the whole blob's CRC-32C."""
+
+    TYPE: ClassVar[str] = "WeightBroadcast"
+    epoch: int = wire(Int(lo=1))
+    version: int = wire(_VERSION)
+    total_bytes: int = wire(_COUNT)
+    chunk_bytes: int = wire(Int(lo=1, hi=1 << 40))
+    n_chunks: int = wire(_COUNT)
+    crc32c: int = wire(Int(lo=0, hi=2**32 - 1))
+    tensors: list[TensorMeta] = wire(ListOf(_TENSOR, LIST_LEN))
+
+    def _check(self) -> None:
+        WeightAnnounce._check(self)  # the same layout invariants
+
+    def announce(self) -> WeightAnnounce:
+        return WeightAnnounce(version=self.version, total_bytes=self.total_bytes,
+                              chunk_bytes=self.chunk_bytes, n_chunks=self.n_chunks,
+                              tensors=self.tensors)

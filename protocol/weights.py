@@ -20,11 +20,12 @@ Guarantees:
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -35,7 +36,15 @@ from crc32c import crc32c
 
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
-from protocol.messages import TensorMeta, WeightAck, WeightAnnounce, WeightChunk
+from protocol.messages import (
+    TensorMeta,
+    WeightAck,
+    WeightAnnounce,
+    WeightBroadcast,
+    WeightChunk,
+    WeightGroupJoin,
+    WeightGroupReady,
+)
 
 log = logging.getLogger("dynamo.weights")
 
@@ -95,12 +104,27 @@ class _Peer:
     sent: int = 0  # chunks sent of `version`
     acked: int = 0  # chunks acknowledged of `version`
     last_seen: float = 0.0
+    offered: bool = False  # can join a broadcast group
+    retry_after: float = 0.0  # left out of broadcast groups until then (failed to join)
+    broadcasting: bool = False  # receives the latest version by broadcast: no chunks
+
+
+@dataclass(slots=True)
+class BroadcastSettings:
+    """The `broadcast` backend on the learner: the rendezvous actors reach (host:port), the
+    timeout of joining and of each transfer, and the chunk size of the pipelined chain."""
+    host: str
+    port: int
+    timeout_s: float = 30.0
+    chunk_bytes: int = 4 << 20
+    retry_s: float = 60.0
 
 
 class WeightPublisher:
     """Learner side. Call `publish` after an optimizer step; a thread serves the actors."""
 
-    def __init__(self, sock: zmq.Socket, *, window: int = 4, peer_timeout_s: float = 60.0):
+    def __init__(self, sock: zmq.Socket, *, window: int = 4, peer_timeout_s: float = 60.0,
+                 broadcast: BroadcastSettings | None = None):
         self.sock = sock
         self.window = window
         self.peer_timeout_s = peer_timeout_s
@@ -119,6 +143,20 @@ class WeightPublisher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="weight-publisher", daemon=True)
         self.delivered: dict[int, float] = {}  # version -> time the last known actor finished
+        self._outbox: deque[tuple[bytes, object]] = deque()  # other threads' control messages
+        self.broadcast = broadcast
+        self._bcast_wake = threading.Event()
+        self._bcast_blob: np.ndarray | None = None  # being broadcast: not reused meanwhile
+        self._bcast_thread = None
+        if broadcast is not None:
+            self._store = torch.distributed.TCPStore(
+                "0.0.0.0", broadcast.port, None, is_master=True, wait_for_workers=False,
+                timeout=datetime.timedelta(seconds=broadcast.timeout_s))
+            self._pg, self._members, self._epoch = None, [], 0
+            self._joined: dict[bytes, bool] = {}
+            self._bcast_thread = threading.Thread(target=self._broadcast_loop,
+                                                  name="weight-broadcast", daemon=True)
+            self._bcast_thread.start()
         self._thread.start()
 
     def publish(self, version: int, named: Iterable[tuple[str, torch.Tensor]],
@@ -132,7 +170,8 @@ class WeightPublisher:
         reuse = None
         with self._lock:
             for i, (buf, trackers) in enumerate(self._retired):
-                if buf.nbytes == total and all(t.done for t in trackers):
+                if buf.nbytes == total and all(t.done for t in trackers) \
+                        and buf is not self._bcast_blob:
                     reuse = self._retired.pop(i)[0]
                     self.counters["buffers_reused"] += 1
                     break
@@ -142,12 +181,22 @@ class WeightPublisher:
                 self._retired = [*self._retired[-1:], (self._latest[1].obj, self._trackers)]
             self._latest = (ann, memoryview(buf))
             self._crcs, self._trackers = [None] * ann.n_chunks, []
+            # Broadcast candidates wait for the broadcast thread (it hands a member back to
+            # the chunked transfer if the group cannot form or the broadcast fails).
+            now = time.monotonic()
+            for p in self._peers.values():
+                p.broadcasting = self.broadcast is not None and p.offered \
+                    and now >= p.retry_after
         self.counters["published"] += 1
+        self._bcast_wake.set()
+        self._wake()
+        return ann
+
+    def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:  # the pipe is full: the thread is awake anyway
             pass
-        return ann
 
     @property
     def peers(self) -> dict[bytes, int]:
@@ -161,11 +210,11 @@ class WeightPublisher:
 
     def close(self) -> None:
         self._stop.set()
-        try:
-            os.write(self._wake_w, b"\0")
-        except BlockingIOError:
-            pass
+        self._bcast_wake.set()
+        self._wake()
         self._thread.join(timeout=5)
+        if self._bcast_thread is not None:
+            self._bcast_thread.join(timeout=5)
         os.close(self._wake_r)
         os.close(self._wake_w)
 
@@ -181,7 +230,7 @@ class WeightPublisher:
 
     def _pump(self, ident: bytes, p: _Peer) -> None:
         latest = self._latest
-        if latest is None:
+        if latest is None or p.broadcasting:
             return
         ann, blob = latest
         if p.version != ann.version:
@@ -208,6 +257,9 @@ class WeightPublisher:
                 os.read(self._wake_r, 4096)
             now = time.monotonic()
             with self._lock:
+                while self._outbox:
+                    ident, msg = self._outbox.popleft()
+                    self._send(ident, msg)
                 if events.get(self.sock):
                     self._recv(now)
                 for ident, p in list(self._peers.items()):
@@ -226,11 +278,20 @@ class WeightPublisher:
             ident = frames[0].bytes
             try:
                 msg = decode(frames[1:])
-                if not isinstance(msg, WeightAck):
+                if not isinstance(msg, WeightAck | WeightGroupReady):
                     raise ProtocolError(f"unexpected {type(msg).__name__} on the weights socket")
             except ProtocolError as e:
                 self.counters[f"rejected_{e.code}"] += 1
                 log.warning("weights socket rejected a message: %s", e)
+                continue
+            if isinstance(msg, WeightGroupReady):
+                p = self._peers.get(ident)
+                if p is None or self.broadcast is None:
+                    self.counters["group_ready_ignored"] += 1
+                elif msg.epoch == 0:
+                    p.offered = True  # an offer: it joins at the next group epoch
+                else:
+                    self._joined[ident] = msg.ok
                 continue
             p = self._peers.get(ident)
             if p is None:
@@ -245,7 +306,130 @@ class WeightPublisher:
                     self.delivered[p.version] = now
             elif msg.version < p.version and msg.next_index == 0:
                 # Explicit re-request (e.g. after a checksum failure): restart from scratch.
-                p.version, p.sent, p.acked = -1, 0, 0
+                p.version, p.sent, p.acked, p.broadcasting = -1, 0, 0, False
+
+    # ------------------------------------------------------------ the broadcast backend
+    def _broadcast_loop(self) -> None:
+        """Sends each new version down the chain of group members (forming a new group epoch
+        first when the live members changed); on any failure the members fall back to the
+        chunked ZeroMQ transfer of that version."""
+        from protocol.broadcast import chain_broadcast, chunk_views
+
+        assert self.broadcast is not None
+        cfg = self.broadcast
+        done_version = None
+        while not self._stop.is_set():
+            self._bcast_wake.wait(timeout=1.0)
+            self._bcast_wake.clear()
+            with self._lock:
+                latest = self._latest
+            if latest is None or self._stop.is_set():
+                continue
+            ann, view = latest
+            if ann.version == done_version:
+                continue
+            done_version = ann.version
+            members = self._ensure_group()
+            with self._lock:  # candidates outside the group take the chunked transfer
+                for ident, p in self._peers.items():
+                    if p.broadcasting and ident not in members:
+                        p.broadcasting = False
+            self._wake()
+            if not members:
+                continue
+            blob = view.obj
+            crc = crc32c(view)
+            n_chunks = max(1, -(-ann.total_bytes // cfg.chunk_bytes))
+            msg = WeightBroadcast(epoch=self._epoch, version=ann.version,
+                                  total_bytes=ann.total_bytes, chunk_bytes=cfg.chunk_bytes,
+                                  n_chunks=n_chunks, crc32c=crc, tensors=ann.tensors)
+            with self._lock:
+                self._bcast_blob = blob
+                for ident in members:
+                    p = self._peers.get(ident)
+                    if p is not None:
+                        p.version, p.sent, p.acked, p.broadcasting = \
+                            ann.version, ann.n_chunks, 0, True
+                    self._outbox.append((ident, msg))
+            self._wake()
+            t = time.monotonic()
+            device = torch.device("cuda", torch.cuda.current_device()) \
+                if torch.cuda.is_available() else torch.device("cpu")
+            try:
+                chain_broadcast(self._pg, chunk_views(blob, cfg.chunk_bytes, device), 0,
+                                len(members) + 1, cfg.timeout_s)
+                ok = True
+            except Exception as e:  # noqa: BLE001 - a member died or the link broke
+                ok = False
+                self.counters["broadcast_failures"] += 1
+                log.warning("weight broadcast of v%d failed (%s): the group is dropped, its "
+                            "members get this version over ZeroMQ", ann.version, e)
+            with self._lock:
+                self._bcast_blob = None
+                for ident in members:
+                    p = self._peers.get(ident)
+                    if p is None:
+                        continue
+                    if ok:
+                        p.acked = p.sent
+                    else:
+                        p.version, p.sent, p.acked, p.broadcasting = -1, 0, 0, False
+                if ok:
+                    self.counters["broadcasts"] += 1
+                    self.counters["broadcast_bytes"] += ann.total_bytes
+                    self.delivered.setdefault(ann.version, time.monotonic())
+                else:
+                    self._pg, self._members = None, []
+            self._wake()
+            log.info("broadcast weights v%d to %d actor(s) in %.3fs%s", ann.version,
+                     len(members), time.monotonic() - t, "" if ok else " (failed)")
+
+    def _ensure_group(self) -> list[bytes]:
+        """The members of the current group, forming a new epoch if the live broadcast-capable
+        actors changed. Returns [] when no group could be formed (ZeroMQ carries the version)."""
+        from protocol.broadcast import open_group
+
+        assert self.broadcast is not None
+        cfg = self.broadcast
+        now = time.monotonic()
+        with self._lock:
+            live = sorted(i for i, p in self._peers.items() if p.offered and now >= p.retry_after)
+        if live == self._members and self._pg is not None:
+            return live
+        self._pg, self._members = None, []
+        if not live:
+            return []
+        self._epoch += 1
+        world = len(live) + 1
+        with self._lock:
+            self._joined = {}
+            for r, ident in enumerate(live, 1):
+                self._outbox.append((ident, WeightGroupJoin(
+                    epoch=self._epoch, rank=r, world=world, host=cfg.host, port=cfg.port,
+                    timeout_s=cfg.timeout_s)))
+        self._wake()
+        try:
+            pg = open_group(self._store, self._epoch, 0, world, cfg.host, cfg.timeout_s)
+        except Exception as e:  # noqa: BLE001 - someone did not join in time
+            self.counters["group_failures"] += 1
+            deadline = time.monotonic() + 5.0  # members that are alive say so meanwhile
+            while time.monotonic() < deadline and len(self._joined) < len(live):
+                time.sleep(0.05)
+            with self._lock:
+                silent = [i for i in live if i not in self._joined]
+                for ident in silent:
+                    p = self._peers.get(ident)
+                    if p is not None:
+                        p.retry_after = time.monotonic() + cfg.retry_s
+            log.warning("weight broadcast group %d did not form (%s); %d silent member(s) left "
+                        "out for %.0fs, ZeroMQ carries this version", self._epoch, e,
+                        len(silent), cfg.retry_s)
+            return []
+        self._pg, self._members = pg, live
+        self.counters["groups_formed"] += 1
+        log.info("weight broadcast group %d formed: learner + %d actor(s)", self._epoch,
+                 len(live))
+        return live
 
 
 class BufferPool:
