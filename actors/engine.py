@@ -68,6 +68,12 @@ class Engine:
                  dtype: str = "float32",
                  gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1,
                  enforce_eager: bool = True, block_size: int | None = None) -> None:
+        if tensor_parallel_size > 1:
+            # vLLM then runs a worker process per GPU: the in-process reload and the packed
+            # swap cannot reach them (they need vLLM's weight-transfer API across workers).
+            raise ValueError(f"actor.tensor_parallel_size = {tensor_parallel_size} is not "
+                             "supported: in-place weight updates reach one in-process worker "
+                             "only; run one engine per GPU (tensor_parallel_size = 1)")
         configure_vllm_env(kv_cache_gib)
         from vllm import LLM, SamplingParams
         from vllm.sampling_params import RequestOutputKind

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A DynaMO-RL run across nodes: allocator on the head node, learner ranks (torchrun) on the
-# next --learner-nodes hosts, vLLM actors on the following --actor-nodes hosts.
+# A DynaMO-RL run across nodes: learner ranks (torchrun) on the first --learner-nodes hosts,
+# the allocator beside learner rank 0 (or on a host of its own), vLLM actors on the following
+# --actor-nodes hosts.
 #
 # Guarantees:
 # - Every process it starts is stopped when it exits, however it exits (end of training,
@@ -25,15 +26,25 @@ config override passed to every process.
 
 Options:
   --config CONFIG       run config TOML (required)
-  --hostfile FILE       hosts, one per line: `HOST [slots=N]` (N: GPUs of that host; `#`
+  --hostfile FILE       hosts, one per line: `HOST [slots=N] [addr=ADDRESS]` (N: GPUs of
+                        that host; ADDRESS: how the other hosts reach it, default HOST; `#`
                         starts a comment). Without it, the hosts of the Slurm allocation.
   --learner-nodes N     nodes running learner ranks (default 1)
   --actor-nodes M       nodes running actors (default: every host left after the head and
                         the learner nodes)
   --gpus-per-node G     GPUs per node (default: SLURM_GPUS_ON_NODE under Slurm); `slots=N`
                         in the host file overrides it for that host
-  --actor-tp T          GPUs per actor (vLLM tensor parallel size; default 1); G/T actors
-                        run on each actor node, each with its own CUDA_VISIBLE_DEVICES
+  --actor-tp T          GPUs per actor (vLLM tensor parallel size; only 1 is supported:
+                        in-place weight updates reach one in-process engine worker)
+  --separate-allocator  the allocator on a host of its own (default: beside learner rank 0,
+                        which wastes no node on it)
+  --weights-backend B   zmq (default) or broadcast: how weights reach the actors
+                        (network.weights_backend)
+  --net-if IFACE        network interface of the learner and actor processes for gloo/NCCL
+                        (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)
+  --remote-cmd CMD      how a host-file host runs a command: CMD HOST SHELL_COMMAND (default
+                        `ssh -o BatchMode=yes`; e.g. `ip netns exec` for network namespaces)
+  --shared-run-dir      every host sees RUN_DIR (shared filesystem): keys are not copied
   --run-dir DIR         run directory (default: the config's run_dir; relative paths in the
                         config are relative to the repository)
   --resume              continue the run in the run directory from its latest checkpoint;
@@ -44,17 +55,18 @@ Options:
   --dry-run             print every command it would run, one per line; run nothing
   -h, --help            this help
 
-Roles: host 1 runs the allocator; hosts 2..N+1 run `torchrun --nnodes N --nproc_per_node G`
-(one learner rank per GPU; rank 0 on host 2 takes the rollouts and serves the weights);
-the next M hosts run G/T actors each. 1 + N + M hosts are needed; extra hosts are left
-unused. Exception: a host list of exactly one host runs every role on that host (with
+Roles: hosts 1..N run `torchrun --nnodes N --nproc_per_node G` (one learner rank per GPU;
+rank 0 on host 1 takes the rollouts and serves the weights) and host 1 also runs the
+allocator; the next M hosts run G/T actors each: N + M hosts are needed (1 + N + M with
+--separate-allocator, which puts the allocator on host 1 and the learners on 2..N+1); extra
+hosts are left unused. Exception: a host list of exactly one host runs every role on that host (with
 --learner-nodes 1 --actor-nodes 1; learner ranks and actors then share its G GPUs, which
 suits a CPU smoke test; for one GPU machine prefer `dynamo-rl run`).
 
 Commands run locally when the host is this machine (its hostname, localhost, 127.0.0.1),
 else through `srun --nodes=1 --ntasks=1 --overlap -w HOST` (hosts from Slurm; allocate
 with --ntasks-per-node=1 and all CPUs and GPUs of each node per task, steps inherit them)
-or `ssh HOST` (host file). The repository and Python environment must be at the same path
+or `ssh HOST` (host file; see --remote-cmd). The repository and Python environment must be at the same path
 on every node. Across nodes, the allocator binds 0.0.0.0 on the head, learner rank 0 binds
 0.0.0.0 on its node, and the others connect to those hosts by the names given here.
 
@@ -112,7 +124,8 @@ fi
 
 # ---------------------------------------------------------------------------- options
 config= hostfile= run_dir= learner_nodes=1 actor_nodes= gpus= tp=1 master_port=29500
-resume=0 dry=0 py= lifelines=
+resume=0 dry=0 py= lifelines= separate=0 backend= net_if= shared=0
+remote_cmd="ssh -o BatchMode=yes"
 passthrough=()
 abspath() { [[ $1 == /* ]] && echo "$1" || echo "$PWD/$1"; }
 while (($#)); do
@@ -121,7 +134,7 @@ while (($#)); do
     fi
     case $1 in
         --config|--hostfile|--learner-nodes|--actor-nodes|--gpus-per-node|--actor-tp|--run-dir|\
-        --master-port|--python|--preset|--mode|--*.*)
+        --master-port|--python|--preset|--mode|--weights-backend|--net-if|--remote-cmd|--*.*)
             (($# >= 2)) || die "$1 needs a value" ;;
     esac
     case $1 in
@@ -135,6 +148,11 @@ while (($#)); do
         --run-dir) run_dir=$(abspath "$2") ;;
         --master-port) master_port=$2 ;;
         --python) py=$2 ;;
+        --weights-backend) backend=$2 ;;
+        --net-if) net_if=$2 ;;
+        --remote-cmd) remote_cmd=$2 ;;
+        --separate-allocator) separate=1; shift; continue ;;
+        --shared-run-dir) shared=1; shift; continue ;;
         --resume) resume=1; shift; continue ;;
         --dry-run) dry=1; shift; continue ;;
         --run_dir) die "use --run-dir DIR" ;;
@@ -148,6 +166,14 @@ posint --learner-nodes "$learner_nodes"
 [[ -z $actor_nodes ]] || posint --actor-nodes "$actor_nodes"
 [[ -z $gpus ]] || posint --gpus-per-node "$gpus"
 posint --actor-tp "$tp"
+((tp == 1)) || die "--actor-tp $tp: tensor parallelism is not supported (in-place weight" \
+    "updates reach one in-process engine worker); run one actor per GPU (--actor-tp 1)"
+case $backend in
+    "") ;;
+    zmq|broadcast) passthrough+=(--network.weights_backend "$backend") ;;
+    *) die "--weights-backend must be zmq or broadcast, got '$backend'" ;;
+esac
+[[ -z $net_if || $net_if =~ ^[A-Za-z0-9_.@-]+$ ]] || die "--net-if: not an interface name: $net_if"
 posint --master-port "$master_port"
 [[ -n $config ]] || die "--config CONFIG is required (see --help)"
 [[ -f $config ]] || die "config file not found: $config"
@@ -157,25 +183,27 @@ fi
 cd "$REPO"
 
 # ------------------------------------------------------------------------------ hosts
-hosts=() slots=() slurm=0
+hosts=() slots=() addrs=() slurm=0
 if [[ -n $hostfile ]]; then
     [[ -f $hostfile ]] || die "host file not found: $hostfile"
     while read -r host rest || [[ -n $host ]]; do
         [[ -z $host || $host == \#* ]] && continue
-        n=
+        n= addr=$host
         for field in $rest; do
             case $field in
                 slots=*) n=${field#slots=}; posint "$hostfile: $host slots" "$n" ;;
+                addr=?*) addr=${field#addr=} ;;
                 \#*) break ;;
-                *) die "$hostfile: unknown field '$field' for host $host (expected slots=N)" ;;
+                *) die "$hostfile: unknown field '$field' for host $host (expected slots=N" \
+                       "or addr=ADDRESS)" ;;
             esac
         done
-        hosts+=("$host"); slots+=("$n")
+        hosts+=("$host"); slots+=("$n"); addrs+=("$addr")
     done <"$hostfile"
     source="host file $hostfile"
 elif [[ -n ${SLURM_JOB_NODELIST-} ]]; then
     names=$(scontrol show hostnames "$SLURM_JOB_NODELIST") || die "scontrol failed"
-    for host in $names; do hosts+=("$host"); slots+=(""); done
+    for host in $names; do hosts+=("$host"); slots+=(""); addrs+=("$host"); done
     slurm=1 source="Slurm allocation ($SLURM_JOB_NODELIST)"
 else
     die "no hosts: run inside a Slurm allocation or pass --hostfile FILE"
@@ -190,15 +218,15 @@ if ((nh == 1)); then
     actor_nodes=1 head=0 learner_ix=(0) actor_ix=(0)
 else
     if [[ -z $actor_nodes ]]; then
-        actor_nodes=$((nh - 1 - learner_nodes))
+        actor_nodes=$((nh - separate - learner_nodes))
         ((actor_nodes >= 1)) || actor_nodes=1
     fi
-    need=$((1 + learner_nodes + actor_nodes))
-    ((nh >= need)) || die "not enough hosts: 1 allocator + $learner_nodes learner +" \
-        "$actor_nodes actor node(s) need $need hosts, the $source names $nh"
+    need=$((separate + learner_nodes + actor_nodes))
+    ((nh >= need)) || die "not enough hosts: $((separate ? 1 : 0)) allocator + $learner_nodes" \
+        "learner + $actor_nodes actor node(s) need $need hosts, the $source names $nh"
     ((nh == need)) || note "WARNING: using $need of the $nh hosts; unused: ${hosts[*]:need}"
     head=0 learner_ix=() actor_ix=()
-    for ((i = 1; i <= learner_nodes; i++)); do learner_ix+=("$i"); done
+    for ((i = separate; i < separate + learner_nodes; i++)); do learner_ix+=("$i"); done
     for ((; i < need; i++)); do actor_ix+=("$i"); done
 fi
 
@@ -219,11 +247,12 @@ is_local() { [[ ${me,,} == *" ${1,,} "* ]]; }
 is_loopback() { [[ $1 == localhost || $1 == 127.* ]]; }
 
 head_host=${hosts[$head]} learner0=${hosts[${learner_ix[0]}]}
-if ((nh > 1)) && { is_loopback "$head_host" || is_loopback "$learner0"; }; then
+head_addr=${addrs[$head]} learner0_addr=${addrs[${learner_ix[0]}]}
+if ((nh > 1)) && { is_loopback "$head_addr" || is_loopback "$learner0_addr"; }; then
     for i in "${learner_ix[@]}" "${actor_ix[@]}"; do
         if ! is_local "${hosts[$i]}"; then
             die "name the head and the first learner node by addresses the other nodes reach," \
-                "not $head_host / $learner0"
+                "not $head_addr / $learner0_addr"
         fi
     done
 fi
@@ -248,7 +277,7 @@ on() {  # HOST SHELL_COMMAND -> the line that runs SHELL_COMMAND in REPO on HOST
     if is_local "$1"; then echo "$2"
     elif ((slurm)); then
         q srun --nodes=1 --ntasks=1 --overlap -w "$1" bash -c "cd $(q "$REPO") && $2"
-    else q ssh -o BatchMode=yes "$1" "cd $(q "$REPO") && $2"; fi
+    else echo "$remote_cmd $(q "$1" "cd $(q "$REPO") && $2")"; fi
 }
 run() {  # LINE: print it, or run it in the foreground
     if ((dry)); then echo "$1"; else bash -c "$1"; fi
@@ -287,14 +316,16 @@ stop_all() {
 tail_log() { tail -n 15 "$run_dir/logs/$1.log" 2>/dev/null | sed 's/^/    /' >&2 || true; }
 
 cli=("$py" -m launch.cli)
-master_addr=$learner0 alloc_net=() learner_net=() actor_net=()
+master_addr=$learner0_addr alloc_net=() learner_net=() actor_net=() net_env=()
 if ((nh > 1)); then
     alloc_net=(--network.bind_host 0.0.0.0)
-    learner_net=(--network.bind_host 0.0.0.0 --network.allocator_host "$head_host")
-    actor_net=(--network.allocator_host "$head_host" --network.learner_host "$learner0")
+    learner_net=(--network.bind_host 0.0.0.0 --network.allocator_host "$head_addr"
+                 --network.learner_host "$learner0_addr")
+    actor_net=(--network.allocator_host "$head_addr" --network.learner_host "$learner0_addr")
 else
     master_addr=127.0.0.1  # one host: the config's network addresses as they are
 fi
+[[ -z $net_if ]] || net_env=("GLOO_SOCKET_IFNAME=$net_if" "NCCL_SOCKET_IFNAME=$net_if")
 
 names() { local i out=(); for i; do out+=("${hosts[$i]}"); done; echo "${out[*]}"; }
 note "allocator: $head_host | learner: $(names "${learner_ix[@]}") (torchrun, master" \
@@ -325,6 +356,7 @@ if ((curve)); then
     run "$(on "$head_host" "$(q "${cli[@]}" keys "$config" "${overrides[@]}")")" \
         || die "creating the run keys on $head_host failed"
     declare -A copied=([$head_host]=1)
+    if ((shared)); then for h in "${hosts[@]}"; do copied[$h]=1; done; fi
     for i in "${learner_ix[@]}" "${actor_ix[@]}"; do
         host=${hosts[$i]}
         [[ -z ${copied[$host]-} ]] || continue
@@ -375,7 +407,8 @@ start allocator "$head_host" "$lifelines/others" \
 service_names+=(allocator)
 rank=0
 for i in "${learner_ix[@]}"; do
-    start "learner-node$rank" "${hosts[$i]}" "$lifelines/learner" "$py" -m torch.distributed.run \
+    start "learner-node$rank" "${hosts[$i]}" "$lifelines/learner" \
+        env "${net_env[@]}" "$py" -m torch.distributed.run \
         --nnodes "$learner_nodes" --nproc_per_node "$(gpus_of "$i")" --node_rank "$rank" \
         --master_addr "$master_addr" --master_port "$master_port" \
         -m launch.cli learner "$config" "${overrides[@]}" "${learner_net[@]}"
@@ -387,7 +420,8 @@ for i in "${actor_ix[@]}"; do
     g=$(gpus_of "$i")
     for ((first = 0; first < g; first += tp)); do
         devices=$(seq -s, "$first" $((first + tp - 1)))
-        start "actor$index" "${hosts[$i]}" "$lifelines/others" env "CUDA_VISIBLE_DEVICES=$devices" \
+        start "actor$index" "${hosts[$i]}" "$lifelines/others" \
+            env "CUDA_VISIBLE_DEVICES=$devices" "${net_env[@]}" \
             "${cli[@]}" actor "$config" --index "$index" "${overrides[@]}" \
             --actor.tensor_parallel_size "$tp" "${actor_net[@]}"
         actor_names+=("actor$index")

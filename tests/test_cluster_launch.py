@@ -21,7 +21,8 @@ SCRIPT = REPO / "launch" / "cluster.sh"
 CONFIG = REPO / "configs" / "default.toml"
 OPTIONS = ["--config", "--hostfile", "--learner-nodes", "--actor-nodes", "--gpus-per-node",
            "--actor-tp", "--run-dir", "--resume", "--master-port", "--python", "--dry-run",
-           "--help"]
+           "--help", "--separate-allocator", "--weights-backend", "--net-if", "--remote-cmd",
+           "--shared-run-dir"]
 
 
 def launch(*args: str, env: dict[str, str] | None = None,
@@ -58,9 +59,9 @@ def test_slurm_dry_run_places_roles_and_passes_overrides(tmp_path):
     env = fake_tools(tmp_path / "bin", record)
     run_dir = tmp_path / "run"
     r = launch("--config", str(CONFIG), "--learner-nodes", "2", "--actor-nodes", "1",
-               "--gpus-per-node", "4", "--actor-tp", "2", "--run-dir", str(run_dir),
+               "--gpus-per-node", "2", "--separate-allocator", "--run-dir", str(run_dir),
                "--master-port", "29600", "--dry-run", "--learner.lr", "1e-6",
-               "--preset=grpo", env=env)
+               "--preset=grpo", "--weights-backend", "broadcast", "--net-if", "eth1", env=env)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     # Dry run: nothing executed, nothing created.
@@ -77,14 +78,15 @@ def test_slurm_dry_run_places_roles_and_passes_overrides(tmp_path):
     learners = [line for line in out.splitlines() if "torch.distributed.run" in line]
     assert [node(x) for x in learners] == ["node2", "node3"]
     for rank, line in enumerate(learners):
-        assert (f"--nnodes 2 --nproc_per_node 4 --node_rank {rank} --master_addr node2 "
+        assert (f"--nnodes 2 --nproc_per_node 2 --node_rank {rank} --master_addr node2 "
                 "--master_port 29600 -m launch.cli learner") in line
         assert "--network.bind_host 0.0.0.0 --network.allocator_host node1" in line
+        assert "env GLOO_SOCKET_IFNAME=eth1 NCCL_SOCKET_IFNAME=eth1 " in line
     actors = process_lines(out, "actor")
-    assert [node(x) for x in actors] == ["node4", "node4"]  # 4 GPUs / TP 2
-    for i, (line, devices) in enumerate(zip(actors, ["0,1", "2,3"], strict=True)):
-        assert f"env CUDA_VISIBLE_DEVICES={devices} " in line and f"--index {i} " in line
-        assert "--actor.tensor_parallel_size 2" in line
+    assert [node(x) for x in actors] == ["node4", "node4"]  # one per GPU
+    for i, (line, devices) in enumerate(zip(actors, ["0", "1"], strict=True)):
+        assert f"env CUDA_VISIBLE_DEVICES={devices} GLOO_SOCKET_IFNAME=eth1 " in line
+        assert f"--index {i} " in line and "--actor.tensor_parallel_size 1" in line
         assert "--network.allocator_host node1 --network.learner_host node2" in line
     [keys] = process_lines(out, "keys")
     assert node(keys) == "node1"
@@ -93,8 +95,28 @@ def test_slurm_dry_run_places_roles_and_passes_overrides(tmp_path):
                       f"{n}:{run_dir}/.keys.incoming/" for n in ("node2", "node3", "node4")]
     # Every process gets the run dir and the passthrough overrides.
     for line in [alloc, *learners, *actors, keys]:
-        assert f"--run_dir {run_dir} --learner.lr 1e-6 --preset grpo" in line
+        assert (f"--run_dir {run_dir} --learner.lr 1e-6 --preset grpo "
+                "--network.weights_backend broadcast") in line
 
+
+def test_by_default_the_allocator_shares_the_first_learner_node(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("ns-a addr=10.9.0.1\nns-b addr=10.9.0.2\nns-c addr=10.9.0.3\n")
+    r = launch("--hostfile", str(hosts), "--config", str(CONFIG), "--gpus-per-node", "1",
+               "--remote-cmd", "ip netns exec", "--shared-run-dir",
+               "--run-dir", str(tmp_path / "run"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    [alloc] = process_lines(out, "allocator")
+    [learner] = [line for line in out.splitlines() if "torch.distributed.run" in line]
+    # the allocator and learner rank 0 on the first host; every other host runs actors
+    assert alloc.startswith("ip netns exec ns-a ") and learner.startswith("ip netns exec ns-a ")
+    assert "--master_addr 10.9.0.1 " in learner
+    actors = process_lines(out, "actor")
+    assert [a.split()[3] for a in actors] == ["ns-b", "ns-c"]
+    assert all("--network.allocator_host 10.9.0.1 --network.learner_host 10.9.0.1" in a
+               for a in actors)
+    assert not [line for line in out.splitlines() if line.startswith("scp ")]  # shared dir
 
 def test_host_file_dry_run_uses_ssh_slots_and_runs_this_machine_locally(tmp_path):
     hosts = tmp_path / "hosts"
@@ -103,7 +125,7 @@ def test_host_file_dry_run_uses_ssh_slots_and_runs_this_machine_locally(tmp_path
     run_dir = tmp_path / "run"
     r = launch("--hostfile", str(hosts), "--config", str(CONFIG), "--actor-nodes", "2",
                "--gpus-per-node", "1", "--run-dir", str(run_dir), "--dry-run",
-               "--model.path", str(fake_model(tmp_path)))
+               "--separate-allocator", "--model.path", str(fake_model(tmp_path)))
     assert r.returncode == 0, r.stderr
     assert "unused: h4" in r.stderr
     out = r.stdout
@@ -126,12 +148,12 @@ def test_host_file_dry_run_uses_ssh_slots_and_runs_this_machine_locally(tmp_path
 
 
 @pytest.mark.parametrize("hosts, args, message", [
-    ("a\nb\nc\n", ["--learner-nodes", "2", "--actor-nodes", "1"],
+    ("a\nb\nc\n", ["--learner-nodes", "2", "--actor-nodes", "1", "--separate-allocator"],
      "not enough hosts: 1 allocator + 2 learner + 1 actor node(s) need 4 hosts"),
-    ("a\nb\n", [], "need 3 hosts"),
-    ("a\nb\nc\n", ["--gpus-per-node", "3", "--actor-tp", "2"],
-     "3 GPUs per node is not divisible by --actor-tp 2"),
-    ("a\nb\nc slots=6\n", ["--actor-tp", "4"], "c: 6 GPUs per node is not divisible"),
+    ("a\nb\n", ["--separate-allocator"], "need 3 hosts"),
+    ("a\nb\n", ["--learner-nodes", "2"], "0 allocator + 2 learner + 1 actor node(s) need 3"),
+    ("a\nb\nc\n", ["--actor-tp", "2"], "--actor-tp 2: tensor parallelism is not supported"),
+    ("a\nb\nc\n", ["--weights-backend", "nccl"], "--weights-backend must be zmq or broadcast"),
     ("a\n", ["--actor-nodes", "2"], "names one host, which runs every role only with"),
     ("a\nb\nc\n", ["--config", "/nonexistent.toml"], "config file not found: /nonexistent"),
     ("a\nb\nc\n", ["--learner.nope", "1"], "learner.nope"),
