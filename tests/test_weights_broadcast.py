@@ -1,12 +1,11 @@
 """The `broadcast` weights backend on real sockets and real gloo process groups: actor-side
-receivers are processes (tests/broadcast_member.py: the actor's weights socket, ZeroMQ
+receivers are processes (launch/weights_probe.py: the actor's weights socket, ZeroMQ
 receiver and broadcast member, without an engine), each recording what it received and how.
 The vLLM actor path is exercised in test_actors_stack.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-from broadcast_member import tensors_crc
 from conftest import REPO
 
 from launch.ports import free_ports
+from launch.weights_probe import tensors_crc
 from protocol.sockets import SocketOptions, open_socket
 from protocol.weights import BroadcastSettings, WeightPublisher
 
@@ -37,9 +36,8 @@ def learner(tmp_path):
 
     def start(name: str, *extra: str) -> None:
         procs[name] = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "broadcast_member.py"), endpoint, name,
-             str(tmp_path / f"{name}.jsonl"), *extra], cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)})
+            [sys.executable, "-m", "launch.weights_probe", endpoint, name,
+             str(tmp_path / f"{name}.jsonl"), *extra], cwd=REPO)
 
     yield pub, start, procs, tmp_path
     for p in procs.values():

@@ -1,8 +1,10 @@
-"""Child process for tests/test_weights_broadcast.py and bench/weights_scale.py: an actor's
-weight-receiving side without an engine (the I/O loop's weights socket, the ZeroMQ receiver
-and the broadcast member), recording each complete version as it arrives.
+"""An actor's weight-receiving side without an engine, for tests/test_weights_broadcast.py and
+bench/weights_scale.py: the weights socket, the ZeroMQ receiver and the broadcast member, as
+the actor's I/O loop drives them, recording each complete version as it arrives.
 
-argv: ENDPOINT NAME OUT_JSONL [--no-broadcast]. Writes one JSON line per version received:
+    python -m launch.weights_probe ENDPOINT NAME OUT_JSONL [--no-broadcast]
+
+Writes one JSON line per version received:
 {"version", "at" (wall clock), "via" ("broadcast" | "zmq"), "crc"} (CRC-32C over the tensors
 in order), flushed at once.
 """
