@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--mib", type=float, default=16.0, help="weights per version")
     ap.add_argument("--rate", default="200mbit", help="tbf rate of every host's link")
     ap.add_argument("--versions", type=int, default=3, help="timed versions per point")
-    ap.add_argument("--chunk-mib", type=float, default=1.0, help="broadcast chain chunk")
+    ap.add_argument("--chunk-mib", type=float, default=0.5, help="broadcast chain chunk")
     # child mode: the learner side, inside its namespace
     ap.add_argument("--learner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)

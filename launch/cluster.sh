@@ -42,8 +42,9 @@ Options:
                         (network.weights_backend)
   --net-if IFACE        network interface of the learner and actor processes for gloo/NCCL
                         (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)
-  --remote-cmd CMD      how a host-file host runs a command: CMD HOST SHELL_COMMAND (default
-                        `ssh -o BatchMode=yes`; e.g. `ip netns exec` for network namespaces)
+  --remote-cmd CMD      how a host-file host runs a shell command: `CMD HOST 'COMMAND'`, or
+                        CMD with {host} replaced (default `ssh -o BatchMode=yes`; for network
+                        namespaces: 'ip netns exec {host} bash -c')
   --shared-run-dir      every host sees RUN_DIR (shared filesystem): keys are not copied
   --run-dir DIR         run directory (default: the config's run_dir; relative paths in the
                         config are relative to the repository)
@@ -277,6 +278,8 @@ on() {  # HOST SHELL_COMMAND -> the line that runs SHELL_COMMAND in REPO on HOST
     if is_local "$1"; then echo "$2"
     elif ((slurm)); then
         q srun --nodes=1 --ntasks=1 --overlap -w "$1" bash -c "cd $(q "$REPO") && $2"
+    elif [[ $remote_cmd == *"{host}"* ]]; then
+        echo "${remote_cmd//\{host\}/$(q "$1")} $(q "cd $(q "$REPO") && $2")"
     else echo "$remote_cmd $(q "$1" "cd $(q "$REPO") && $2")"; fi
 }
 run() {  # LINE: print it, or run it in the foreground

@@ -103,17 +103,18 @@ def test_by_default_the_allocator_shares_the_first_learner_node(tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text("ns-a addr=10.9.0.1\nns-b addr=10.9.0.2\nns-c addr=10.9.0.3\n")
     r = launch("--hostfile", str(hosts), "--config", str(CONFIG), "--gpus-per-node", "1",
-               "--remote-cmd", "ip netns exec", "--shared-run-dir",
+               "--remote-cmd", "ip netns exec {host} bash -c", "--shared-run-dir",
                "--run-dir", str(tmp_path / "run"), "--dry-run")
     assert r.returncode == 0, r.stderr
     out = r.stdout
     [alloc] = process_lines(out, "allocator")
     [learner] = [line for line in out.splitlines() if "torch.distributed.run" in line]
     # the allocator and learner rank 0 on the first host; every other host runs actors
-    assert alloc.startswith("ip netns exec ns-a ") and learner.startswith("ip netns exec ns-a ")
+    assert alloc.startswith("ip netns exec ns-a bash -c 'cd ")
+    assert learner.startswith("ip netns exec ns-a bash -c 'cd ")
     assert "--master_addr 10.9.0.1 " in learner
     actors = process_lines(out, "actor")
-    assert [a.split()[3] for a in actors] == ["ns-b", "ns-c"]
+    assert [a.split()[3] for a in actors] == ["ns-b", "ns-c"]  # ip netns exec NS
     assert all("--network.allocator_host 10.9.0.1 --network.learner_host 10.9.0.1" in a
                for a in actors)
     assert not [line for line in out.splitlines() if line.startswith("scp ")]  # shared dir
