@@ -200,6 +200,7 @@ def test_new_weights_are_applied_in_place_and_stamped_on_later_tokens(stack):
             if p.ndim == 2:
                 p.add_(0.05 * torch.randn_like(p))
     n_before = len(rx.snapshot())
+    stack["v1"] = model
     rx.publisher.publish(1, list(model.named_parameters()), chunk_bytes=256 << 10)
     rx.version = 1  # the allocator now issues work at version 1
     wait_for(lambda: any(g.token_versions.min() == 1 for g in rx.snapshot()[n_before:]),
@@ -216,6 +217,37 @@ def test_new_weights_are_applied_in_place_and_stamped_on_later_tokens(stack):
     wait_for(lambda: len(rx.snapshot()) > len(later) + n_before + B, 120, "more groups")
     assert all(g.token_versions.min() == 1 for g in rx.snapshot()
                if g.grant_id > first_v1 + 2 * B)
+
+
+def test_tokens_of_samples_in_flight_at_a_swap_carry_the_version_that_produced_them(stack):
+    """A sample generating when v1 arrived keeps its KV (computed by v0) and continues with v1.
+    Its tokens stamped 0 must be exactly v0's log-probs; those stamped 1 exactly what v1 gives
+    on top of v0's KV of the earlier positions (the stamp marks where the weights changed)."""
+    from transformers import AutoModelForCausalLM
+
+    v0 = AutoModelForCausalLM.from_pretrained(stack["model"], dtype=torch.float32).eval()
+    v1 = stack["v1"]
+    straddling = [(g, s) for g in stack["receiver"].snapshot() for s in g.samples()
+                  if s.versions.min() == 0 and s.versions.max() == 1]
+    assert straddling, "no sample was in flight when the weights changed"
+    worst = 0.0
+    for g, s in straddling[:8]:
+        c = int(np.argmax(s.versions == 1))  # first token generated with v1
+        assert c > 0 and np.all(s.versions[c:] == 1) and np.all(s.versions[:c] == 0)
+        ids = torch.tensor(np.concatenate([g.prompt_token_ids, s.token_ids]).astype(np.int64))
+        p = len(g.prompt_token_ids)
+        with torch.no_grad():
+            # v0 processed the prompt and tokens 0..c-2 (their logits gave tokens 0..c-1)...
+            out0 = v0(input_ids=ids[None, :p + c - 1], use_cache=True)
+            lp0 = torch.log_softmax(out0.logits[0].float() / TEMPERATURE, -1)
+            # ...v1 processed token c-1 onwards (giving tokens c..), attending to v0's KV
+            out1 = v1(input_ids=ids[None, p + c - 1:-1], past_key_values=out0.past_key_values)
+            lp1 = torch.log_softmax(out1.logits[0].float() / TEMPERATURE, -1)
+        want = np.concatenate([
+            lp0[p - 1:p + c - 1].gather(-1, ids[p:p + c, None])[:, 0].numpy(),
+            lp1.gather(-1, ids[p + c:, None])[:, 0].numpy()])
+        worst = max(worst, float(np.abs(s.logprobs - want).max()))
+    assert worst < 2e-3, worst
 
 
 def test_sigkilled_actor_work_is_reissued_and_counted_once(stack):
