@@ -15,17 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from actors.config import ActorConfig
 from allocator.config import AllocatorConfig
 from learner.config import LearnerConfig
+from learner.objective import Preset, allocation_rule
 from tasks.config import TaskConfig
-
-Preset = Literal["grpo", "dynamo", "alloc-only", "modulation-only"]
-# Which budget rule each preset implies (DESIGN.md §3, "Presets to compare").
-PRESET_RULE: dict[str, str] = {
-    "grpo": "uniform",
-    "dynamo": "variance",
-    "alloc-only": "variance",
-    "modulation-only": "uniform",
-}
-
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and the reason."""
@@ -139,7 +130,7 @@ class RunConfig(BaseModel):
 
     @property
     def budget_rule(self) -> str:
-        return self.allocator.rule or PRESET_RULE[self.preset]
+        return self.allocator.rule or allocation_rule(self.preset)
 
     @property
     def max_staleness(self) -> int:

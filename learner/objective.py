@@ -30,7 +30,7 @@ from learner.config import LearnerConfig
 ISMode = Literal["tis", "bypass", "mask"]
 _LEARNER = LearnerConfig.model_fields
 Preset = Literal["grpo", "dynamo", "alloc-only", "modulation-only"]
-AllocationRule = Literal["uniform", "variance"]
+AllocationRule = Literal["uniform", "variance", "std"]  # allocator.rule may pick "std"
 
 ADV_EPS = 1e-6  # the ε in A = (r - mean) / (std + ε)
 
@@ -75,7 +75,8 @@ class ObjectiveConfig:
             raise ValueError(f"is_cap must be positive, got {self.is_cap}")
 
 
-# One table for allocator and learner: preset -> (allocation rule, advantage modulation).
+# The one preset table, read by the launcher (the allocator's budget rule) and the learner:
+# preset -> (allocation rule, advantage modulation).
 # alloc-only differs from grpo only in allocation, so its learner side *is* grpo's.
 PRESET_TABLE: dict[Preset, tuple[AllocationRule, bool]] = {
     "grpo": ("uniform", False),
