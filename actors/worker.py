@@ -43,6 +43,7 @@ import zmq
 
 from actors.config import ActorConfig
 from actors.engine import Engine, Sample, Update
+from protocol.auth import RunKeys
 from protocol.errors import ProtocolError
 from protocol.messages import (
     Error,
@@ -58,7 +59,7 @@ from protocol.messages import (
     WorkGrant,
     WorkRequest,
 )
-from protocol.sockets import CurveKeys, SocketOptions, open_socket, recv, send
+from protocol.sockets import SocketOptions, open_socket, recv, send
 from protocol.weights import BufferPool, WeightReceiver
 from tasks.config import TaskConfig
 from tasks.prompts import prompt_token_ids, render_prompt, resolved_prompt_format
@@ -87,7 +88,7 @@ class Endpoints:
 
 class Actor:
     def __init__(self, cfg: ActorConfig, model_path: str, endpoints: Endpoints, *,
-                 index: int = 0, keys: CurveKeys | None = None,
+                 index: int = 0, keys: RunKeys | None = None,
                  max_message_bytes: int = 512 << 20, metrics_path: Path | None = None,
                  run_dir: Path | None = None, task: TaskConfig | None = None) -> None:
         self.cfg = cfg
@@ -312,13 +313,15 @@ class Actor:
     def _io_loop(self) -> None:
         ctx = zmq.Context()
         opts = SocketOptions(max_message_bytes=self.max_message_bytes, linger_ms=2000)
+        k = self.keys
         alloc = open_socket(ctx, zmq.DEALER, self.endpoints.allocator, bind=False,
-                            keys=self.keys, options=opts)
+                            keys=k.connect(k.allocator) if k else None, options=opts)
+        learner_keys = k.connect(k.learner) if k else None
         push = open_socket(
-            ctx, zmq.PUSH, self.endpoints.rollouts, bind=False, keys=self.keys,
+            ctx, zmq.PUSH, self.endpoints.rollouts, bind=False, keys=learner_keys,
             options=SocketOptions(sndhwm=64, max_message_bytes=self.max_message_bytes))
         wsock = open_socket(ctx, zmq.DEALER, self.endpoints.weights, bind=False,
-                            keys=self.keys, options=opts)
+                            keys=learner_keys, options=opts)
         receiver = WeightReceiver(self.actor_id, version=self.engine.version,
                                   pool=self.weight_buffers)
         member = self.member = self._broadcast_member(receiver)
@@ -482,7 +485,8 @@ class Actor:
             completion_lengths=np.array([len(s.tokens) for s in samples], np.int32),
             behaviour_logprobs=cat("logprobs", np.float32),
             token_versions=cat("versions", np.int32), rewards=rewards,
-            finished=np.array([not s.truncated for s in samples], bool), gen_seconds=gen_s)
+            finished=np.array([not s.truncated for s in samples], bool), gen_seconds=gen_s,
+            grant_mac=g.mac)
         stats = StatsReport(grant_id=g.grant_id, lease_id=g.lease_id, problem_id=g.problem_id,
                             actor_id=self.actor_id, k=int((rewards > 0).sum()), n=g.n)
         return group, stats

@@ -1,11 +1,26 @@
 """Rounds, leases and exactly-once accounting of work grants (no sockets, no clocks).
 
+A grant's life: queued -> leased to an actor -> reported (the actor's StatsReport: statistics
+updated) and received (the learner's receipt: its group reached the learner) -> completed.
+Reports and receipts may come in either order; a grant is completed when it has both.
+
 Invariants:
 - Every grant is completed at most once: the first StatsReport carrying the grant's current
-  lease completes it; a report for an expired lease ("late") or for a completed grant
-  ("duplicate") is ignored and counted, and never touches the statistics.
-- A grant whose lease expires goes back to the front of the queue with a new lease id, so
-  the work of a dead or stopped actor is re-issued, never lost.
+  lease is accepted; a report for an expired lease ("late"), for a grant already reported or
+  completed ("duplicate") is ignored and counted, and never touches the statistics.
+- A grant whose lease expires, or that was reported but whose group has not reached the
+  learner within a lease period (`groups_not_received`: an actor that reports without
+  sending, or dies in between), goes back to the front of the queue with a new lease id, so
+  the work of a dead, stopped or lying actor is re-issued, never lost.
+- `formed` holds every grant id this ledger (and the snapshots it was restored from) ever
+  created, `completed` every grant id completed: the allocator's side of `dynamo-rl audit`.
+  A round is formed only after the previous state is durable and its ids are snapshotted by
+  the service before any of them is sent (see service.py), so a restored ledger's `formed`
+  covers every id an actor may hold.
+- Learner progress: the learner's consumed count never goes backwards and its version never
+  exceeds what its consumed count allows (updates_per_batch per prompts_per_step groups),
+  except that a new learner `session` (a restarted learner) may restart from a smaller count;
+  anything else is refused and counted (`progress_refused_*`) and changes nothing.
 - Pacing: groups issued but not yet consumed by the learner never exceed
   max(max_staleness // U, 1) x prompts_per_step, where U = updates_per_batch is the number
   of optimizer updates (policy versions) one batch of prompts_per_step groups can take; so in
@@ -24,6 +39,7 @@ import numpy as np
 from allocator.budget import dynamo_budgets
 from allocator.config import AllocatorConfig
 from allocator.stats import ProblemStats
+from protocol.idset import IdSet
 from protocol.messages import NoWork, StatsReport, WorkGrant
 from tasks.problems import Problem
 
@@ -40,7 +56,8 @@ class Grant:
     actor_id: str = ""
     deadline: float = 0.0
     issued_version: int = 0
-    done: bool = False
+    reported: bool = False  # stats applied; the learner's receipt still to come
+    received: bool = False  # the learner has the group; the report still to come
 
 
 class Ledger:
@@ -63,6 +80,8 @@ class Ledger:
         # at most w·U versions old when trained; synchronous mode (s = 0) issues one batch at
         # a time and actors wait for that batch's weights.
         self.window = max(max_staleness // max(updates_per_batch, 1), 1) * prompts_per_step
+        self.prompts_per_step = prompts_per_step
+        self.updates_per_batch = max(updates_per_batch, 1)
         self.stats = ProblemStats(len(problems), half_life=cfg.stats_half_life)
         self.epoch = 0
         self.cursor = 0  # position in the current epoch's permutation
@@ -73,8 +92,12 @@ class Ledger:
         self.queue: deque[int] = deque()  # grant ids waiting for an actor
         self.issued_groups = 0  # distinct grants ever issued
         self.completed_groups = 0
+        self.received_groups = 0  # distinct grants the learner has received (receipts)
+        self.formed = IdSet()  # every grant id ever created
+        self.completed = IdSet()  # every grant id completed (reported and received)
         self.learner_version = 0
         self.consumed_groups = 0
+        self.learner_session: int | None = None  # of the learner process last heard from
         self.counters: Counter[str] = Counter()
         self.last_seen: dict[str, float] = {}  # actor id -> last request or heartbeat
 
@@ -103,6 +126,7 @@ class Ledger:
             g = Grant(grant_id=self.next_grant_id, problem=p, n=int(n), round=self.round)
             self.next_grant_id += 1
             self.grants[g.grant_id] = g
+            self.formed.add(g.grant_id)
             self.queue.append(g.grant_id)
         self.round += 1
         self.counters["rounds"] += 1
@@ -118,10 +142,13 @@ class Ledger:
         holds little that must wait for its lease to expire)."""
         self.last_seen[actor_id] = now
         live = sum(1 for t in self.last_seen.values() if now - t <= self.cfg.lease_s)
-        held = sum(1 for g in self.grants.values() if g.actor_id == actor_id)
+        held = sum(1 for g in self.grants.values() if g.actor_id == actor_id and not g.reported)
         return max(1, -(-self.window // live)) - held
 
-    def request(self, actor_id: str, want: int, now: float) -> list[WorkGrant] | NoWork:
+    def request(self, actor_id: str, want: int, now: float, mac=None
+                ) -> list[WorkGrant] | NoWork:
+        """Up to `want` grants for the actor; `mac(grant_id, lease_id, problem_id, n)` signs
+        each one (protocol.auth.grant_mac) when given."""
         out: list[WorkGrant] = []
         want = min(want, self.fair_share(actor_id, now))
         while len(out) < want:
@@ -145,7 +172,8 @@ class Ledger:
             out.append(WorkGrant(grant_id=gid, lease_id=g.lease_id, problem_id=p.id,
                                  prompt=p.prompt, answer=p.answer, verifier=self.verifier,
                                  n=g.n, lease_s=self.cfg.lease_s,
-                                 issued_version=self.learner_version))
+                                 issued_version=self.learner_version,
+                                 mac=mac(gid, g.lease_id, p.id, g.n) if mac else ""))
         if out:
             self.counters["grants_issued"] += len(out)
             return out
@@ -154,11 +182,11 @@ class Ledger:
                       reason=f"pacing: {self.outstanding()} groups outstanding, window "
                              f"{self.window} (learner version {self.learner_version})")
 
-    def report(self, r: StatsReport) -> str:
+    def report(self, r: StatsReport, now: float = 0.0) -> str:
         """Apply a stats report once; returns 'accepted', 'late', 'duplicate', 'mismatch' or
-        'unknown'."""
+        'unknown'. An accepted report waits for the learner's receipt for one lease period."""
         g = self.grants.get(r.grant_id)
-        if g is None:
+        if g is None or g.reported:
             status = "duplicate" if r.grant_id < self.next_grant_id else "unknown"
         elif r.lease_id != g.lease_id or not g.actor_id:  # no actor_id: expired, re-queued
             status = "late"
@@ -167,44 +195,82 @@ class Ledger:
         else:
             status = "accepted"
             self.stats.update_one(g.problem, r.k, r.n)
-            del self.grants[g.grant_id]
-            self.completed_groups += 1
+            g.reported = True
+            g.deadline = now + self.cfg.lease_s
+            if g.received:
+                self._complete(g)
         self.counters[f"report_{status}"] += 1
         return status
+
+    def receipts(self, grant_ids: list[int]) -> None:
+        """The learner received the groups of these grants."""
+        for gid in grant_ids:
+            g = self.grants.get(gid)
+            if g is None or g.received:
+                self.counters["receipt_duplicate" if gid in self.formed else
+                              "receipt_unknown"] += 1
+                continue
+            g.received = True
+            self.received_groups += 1
+            if g.reported:
+                self._complete(g)
+
+    def _complete(self, g: Grant) -> None:
+        del self.grants[g.grant_id]
+        self.completed.add(g.grant_id)
+        self.completed_groups += 1
 
     def heartbeat(self, actor_id: str, in_flight: list[int], now: float) -> None:
         """Renew the leases an alive actor still holds."""
         self.last_seen[actor_id] = now
         for gid in in_flight:
             g = self.grants.get(gid)
-            if g is not None and g.actor_id == actor_id and g.deadline > now:
+            # A reported grant waits for its group, not for its actor: no renewal.
+            if g is not None and g.actor_id == actor_id and g.deadline > now \
+                    and not g.reported:
                 g.deadline = now + self.cfg.lease_s
 
-    def progress(self, version: int, consumed_groups: int) -> None:
-        if consumed_groups < self.consumed_groups:
+    def progress(self, version: int, consumed_groups: int, session: int = 0) -> str:
+        """The learner's position; returns 'accepted', 'restart' or the refusal code."""
+        if version > self.updates_per_batch * (consumed_groups // self.prompts_per_step):
+            return self._refuse("impossible_version")  # no learner gets there on that data
+        restart = self.learner_session is not None and session != self.learner_session
+        if not restart:
+            if consumed_groups < self.consumed_groups:
+                return self._refuse("consumed_regression")  # no restart marker
+            if version < self.learner_version:
+                return self._refuse("version_regression")
+        self.learner_session = session
+        if restart and consumed_groups < self.consumed_groups:
             # The learner restarted from a checkpoint. Groups it received after that
             # checkpoint are gone with it: stop counting them as outstanding (or the pacing
             # window would stay full forever) and count them as lost.
-            in_flight = sum(1 for g in self.grants.values() if g.lease_id)
-            completed = self.issued_groups - in_flight
-            self.counters["groups_lost_to_learner_restart"] += max(0, completed - consumed_groups)
+            lost = max(0, self.received_groups - consumed_groups)
+            self.counters["groups_lost_to_learner_restart"] += lost
             self.counters["learner_restarts"] += 1
-            self.issued_groups = consumed_groups + in_flight
+            self.issued_groups -= lost
+            self.received_groups = consumed_groups
             self.learner_version = version
             self.consumed_groups = consumed_groups
-            return
+            return "restart"
         self.learner_version = max(self.learner_version, version)
         self.consumed_groups = consumed_groups
+        return "accepted"
+
+    def _refuse(self, code: str) -> str:
+        self.counters[f"progress_refused_{code}"] += 1
+        return code
 
     def _forget_previous_launch(self) -> None:
         """A resumed run (`--resume`): every actor and learner of the previous launch is gone.
-        Leased grants are re-queued now rather than after a lease period. Groups issued but
-        not consumed by the checkpointed learner were either leased (they stay outstanding,
-        to be re-issued) or completed and lost with the old learner. The lost ones must stop
-        counting as outstanding, or the pacing window could stay full for ever; they are
-        counted instead. The learner resumes with exactly the snapshot's consumed count, so
-        progress() sees no regression and cannot do this itself."""
+        Leased grants, and grants reported or received but not completed, are re-queued now
+        rather than after a lease period (their groups went with the old processes).
+        Completed groups that the checkpointed learner had not consumed are lost with it:
+        they must stop counting as outstanding, or the pacing window could stay full for
+        ever; they are counted instead. The learner resumes with exactly the snapshot's
+        consumed count, so progress() sees no regression and cannot do this itself."""
         for g in sorted(self.grants.values(), key=lambda g: -g.grant_id):
+            g.reported = g.received = False
             if g.actor_id:
                 g.actor_id = ""
                 self.queue.appendleft(g.grant_id)
@@ -212,14 +278,17 @@ class Ledger:
         lost = self.issued_groups - in_flight - self.consumed_groups
         self.counters["groups_lost_to_resume"] += max(0, lost)
         self.issued_groups = self.consumed_groups + in_flight
+        self.received_groups = self.consumed_groups
+        self.learner_session = None  # the resumed learner is a new process
 
     def expire(self, now: float) -> int:
-        """Re-queue (at the front) every grant whose lease ran out; returns how many."""
+        """Re-queue (at the front) every grant whose lease ran out, or whose group did not
+        reach the learner within a lease period of its report; returns how many."""
         expired = [g for g in self.grants.values() if g.actor_id and g.deadline <= now]
         for g in sorted(expired, key=lambda g: -g.grant_id):
-            g.actor_id = ""
+            self.counters["groups_not_received" if g.reported else "leases_expired"] += 1
+            g.actor_id, g.reported = "", False
             self.queue.appendleft(g.grant_id)
-        self.counters["leases_expired"] += len(expired)
         return len(expired)
 
     # ------------------------------------------------------------------ snapshots
@@ -231,7 +300,10 @@ class Ledger:
             "grants": [asdict(g) for g in self.grants.values()],
             "queue": list(self.queue),
             "issued_groups": self.issued_groups, "completed_groups": self.completed_groups,
+            "received_groups": self.received_groups,
+            "formed": self.formed.ranges(), "completed": self.completed.ranges(),
             "learner_version": self.learner_version, "consumed_groups": self.consumed_groups,
+            "learner_session": self.learner_session,
             "counters": dict(self.counters),
             "num_problems": len(self.problems),
         }
@@ -242,8 +314,12 @@ class Ledger:
                              f"{len(self.problems)}")
         self.stats.load_state_dict(s["stats"])
         for key in ("epoch", "cursor", "round", "next_grant_id", "next_lease_id",
-                    "issued_groups", "completed_groups", "learner_version", "consumed_groups"):
+                    "issued_groups", "completed_groups", "received_groups", "learner_version",
+                    "consumed_groups"):
             setattr(self, key, int(s[key]))
+        self.formed = IdSet.from_ranges(s["formed"])
+        self.completed = IdSet.from_ranges(s["completed"])
+        self.learner_session = s["learner_session"]
         self.grants = {g["grant_id"]: Grant(**g) for g in s["grants"]}
         # Leases held before the restart stay valid for one more lease period: their actors
         # may still report (they reconnect), otherwise the grants are re-issued.

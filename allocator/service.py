@@ -2,8 +2,14 @@
 
 It owns the problem set and the Ledger (rounds, leases, statistics). Nothing malformed
 reaches the Ledger: the codec rejects it, the rejection is logged and counted by error code,
-and the service goes on. State is snapshotted atomically to the run directory and restored
-on restart, so a restarted allocator continues the same epoch with the same statistics.
+and the service goes on. With CURVE, each message is taken only from the role allowed to send
+it (the key its connection authenticated with, protocol/auth.py): work requests, stats reports
+and actor heartbeats from actor keys, learner progress from the learner's key; anything else
+is refused and counted (`refused_role_<Type>`). Each grant carries the allocator's MAC, which
+the learner checks. State is snapshotted atomically to the run directory and restored on
+restart, so a restarted allocator continues the same epoch with the same statistics; a
+snapshot is also written whenever a round is formed, before any of its grants is sent, so
+every grant id an actor may hold is in the ledger a restart restores.
 
 It records spans of its work (allocate: a request that formed a new round; grant: one served
 from the current round; expire; snapshot) and, for every heartbeat, a clock sample
@@ -27,6 +33,7 @@ import zmq.asyncio
 
 from allocator.config import AllocatorConfig
 from allocator.ledger import Ledger
+from protocol.auth import RunKeys, grant_mac, sender_key
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
 from protocol.messages import (
@@ -37,7 +44,7 @@ from protocol.messages import (
     StatsReport,
     WorkRequest,
 )
-from protocol.sockets import CurveKeys, SocketOptions, open_socket, start_authenticator
+from protocol.sockets import SocketOptions, open_socket, start_authenticator
 from tasks.problems import Problem
 from telemetry.spans import event, now_ns, open_trace, record, span
 
@@ -58,7 +65,8 @@ def write_snapshot(ledger: Ledger, run_dir: Path) -> Path:
     status.write_text(json.dumps({
         "time": time.time(), "epoch": ledger.epoch, "round": ledger.round,
         "learner_version": ledger.learner_version, "issued_groups": ledger.issued_groups,
-        "completed_groups": ledger.completed_groups, "outstanding": ledger.outstanding(),
+        "completed_groups": ledger.completed_groups, "received_groups": ledger.received_groups,
+        "consumed_groups": ledger.consumed_groups, "outstanding": ledger.outstanding(),
         "queue": len(ledger.queue), "stats": ledger.stats.describe(),
         "counters": dict(ledger.counters)}, indent=1))
     status.replace(run_dir / "allocator_status.json")  # readers never see a partial file
@@ -77,13 +85,13 @@ class AllocatorService:
     def __init__(self, problems: list[Problem], cfg: AllocatorConfig, *, rule: str,
                  verifier: str, prompts_per_step: int, max_staleness: int, endpoint: str,
                  updates_per_batch: int = 1,
-                 run_dir: Path, keys: CurveKeys | None = None,
-                 client_keys: set[bytes] | None = None) -> None:
+                 run_dir: Path, keys: RunKeys | None = None) -> None:
         self.cfg = cfg
         self.endpoint = endpoint
         self.run_dir = Path(run_dir)
-        self.keys = keys
-        self.client_keys = client_keys or set()
+        self.keys = keys  # None: no CURVE, no roles, grants unsigned
+        secret = keys.grant_secret if keys is not None else None
+        self.mac = (lambda *grant: grant_mac(secret, *grant)) if secret else None
         self.ledger = Ledger(problems, cfg, rule=rule, verifier=verifier,
                              prompts_per_step=prompts_per_step, max_staleness=max_staleness,
                              updates_per_batch=updates_per_batch)
@@ -106,16 +114,23 @@ class AllocatorService:
             await self._send(sock, ident, Error.from_exception(e))
             return
         now = time.monotonic()
+        if not self._allowed(msg, body[0]):
+            ledger.counters[f"refused_role_{type(msg).__name__}"] += 1
+            log.warning("refused a %s from %r: not this role's key", type(msg).__name__,
+                        ident[:32])
+            return
         if isinstance(msg, WorkRequest):
             t, rnd = now_ns(), ledger.round
-            reply = ledger.request(msg.actor_id, msg.want, now)
+            reply = ledger.request(msg.actor_id, msg.want, now, mac=self.mac)
             granted = 0 if isinstance(reply, NoWork) else len(reply)
+            if ledger.round != rnd:  # the new round's ids are durable before any is sent
+                write_snapshot(ledger, self.run_dir)
             record("allocate" if ledger.round != rnd else "grant", t, now_ns(),
                    round=ledger.round, granted=granted)
             for m in ([reply] if isinstance(reply, NoWork) else reply):
                 await self._send(sock, ident, m)
         elif isinstance(msg, StatsReport):
-            status = ledger.report(msg)
+            status = ledger.report(msg, now)
             if status != "accepted":
                 log.info("ignored %s report for grant %d (lease %d) from %s", status,
                          msg.grant_id, msg.lease_id, msg.actor_id)
@@ -125,10 +140,27 @@ class AllocatorService:
                   delta_ns=time.time_ns() - round(msg.sent_at * 1e9))
             ledger.heartbeat(msg.sender, list(msg.in_flight), now)
         elif isinstance(msg, LearnerProgress):
-            ledger.progress(msg.version, msg.consumed_groups)
+            status = ledger.progress(msg.version, msg.consumed_groups, msg.session)
+            if status not in ("accepted", "restart"):
+                log.warning("refused learner progress (%s): version %d, consumed %d", status,
+                            msg.version, msg.consumed_groups)
+            ledger.receipts(list(msg.received))
         else:
             ledger.counters["rejected_unexpected_type"] += 1
             log.warning("unexpected %s from %r", type(msg).__name__, ident[:32])
+
+    def _allowed(self, msg, frame) -> bool:
+        """Whether the key this message came with may send it (always, without CURVE)."""
+        if self.keys is None:
+            return True
+        role = self.keys.role_of(sender_key(frame))
+        if isinstance(msg, WorkRequest | StatsReport):
+            return role == "actor"
+        if isinstance(msg, LearnerProgress):
+            return role == "learner"
+        if isinstance(msg, Heartbeat):
+            return role == msg.role
+        return True  # unexpected types are counted as such
 
     async def _send(self, sock: zmq.asyncio.Socket, ident: bytes, msg) -> None:
         # A vanished peer (ROUTER_MANDATORY) must not stop the service; a lost grant is
@@ -157,9 +189,12 @@ class AllocatorService:
     async def serve(self) -> None:
         open_trace(self.run_dir, "allocator", "allocator")
         ctx = zmq.asyncio.Context()
-        auth = start_authenticator(ctx, self.client_keys) if self.keys is not None else None
+        auth = None
+        if self.keys is not None:
+            auth = start_authenticator(ctx, {self.keys.learner, *self.keys.actors})
         self.auth = auth
-        sock = open_socket(ctx, zmq.ROUTER, self.endpoint, bind=True, keys=self.keys,
+        sock = open_socket(ctx, zmq.ROUTER, self.endpoint, bind=True,
+                           keys=self.keys.serve() if self.keys is not None else None,
                            options=SocketOptions(sndhwm=10000, rcvhwm=10000))
         log.info("allocator serving %s (%d problems)", self.endpoint, len(self.ledger.problems))
         house = asyncio.create_task(self._housekeeping())

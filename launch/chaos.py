@@ -7,9 +7,10 @@ Starts allocator, learner and actors as separate processes (like `dynamo-rl run`
 every `--every` seconds picks one fault: SIGKILL an actor (a replacement starts), SIGSTOP an
 actor for longer than its lease (a partition; then SIGCONT), SIGKILL + restart the
 allocator, SIGKILL + resume the learner from its checkpoint, or SIGSTOP the learner (a slow
-learner). At the end it stops everything and prints what happened and the audit: learner
-steps, groups dropped and why, reports refused (late / duplicate), leases re-issued,
-accepted reports == completed groups (exactly once), peak RSS per role.
+learner). At the end it stops everything and prints what happened, peak RSS per role and
+`dynamo-rl audit` of the run (launch/audit.py: nothing trained twice or without being
+issued, every completed group trained, dropped with a reason or counted lost; groups dropped
+and reports refused, by reason); it exits 1 on any violation or if the learner never stepped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from launch.audit import audit
 from launch.cli import ensure_run_keys, model_path, split_overrides
 from launch.config import dump_config, load_config
 from launch.local import Child, child_env, shutdown
@@ -116,25 +118,14 @@ def main(argv: list[str] | None = None) -> int:
         shutdown([*actors, alloc], 30)
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
             if x.endswith("}")] if (run_dir / "metrics.jsonl").exists() else []
-    status = json.loads((run_dir / "allocator_status.json").read_text())
-    c = status["counters"]
-    last = recs[-1] if recs else {}
-    audit = {
-        "faults": events, "learner_steps": last.get("step", 0),
-        "dropped_stale": last.get("dropped/stale", 0),
-        "dropped_duplicate": last.get("dropped/duplicate", 0),
-        "reports_accepted": c.get("report_accepted", 0),
-        "completed_groups": status["completed_groups"],
-        "exactly_once": c.get("report_accepted", 0) == status["completed_groups"],
-        "reports_refused": {k: c.get(k, 0) for k in ("report_late", "report_duplicate",
-                                                      "report_unknown", "report_mismatch")},
-        "leases_expired": c.get("leases_expired", 0),
-        "groups_lost_to_learner_restart": c.get("groups_lost_to_learner_restart", 0),
+    checked = audit(run_dir)
+    report = {
+        "faults": events, "learner_steps": recs[-1]["step"] if recs else 0,
+        "audit": checked["totals"], "violations": checked["violations"],
         "peak_rss_mib": {k: v >> 20 for k, v in peak.items()},
     }
-    print(json.dumps(audit, indent=1))
-    return 0 if audit["exactly_once"] and audit["learner_steps"] > 0 else 1
-
+    print(json.dumps(report, indent=1))
+    return 0 if not checked["violations"] and report["learner_steps"] > 0 else 1
 
 if __name__ == "__main__":
     sys.exit(main())

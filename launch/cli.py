@@ -10,8 +10,6 @@ from pathlib import Path
 
 from launch.config import ConfigError, RunConfig, dump_config, load_config
 
-KEY_NAMES = ("server", "actor", "learner")
-
 
 def setup_logging(role: str) -> None:
     logging.basicConfig(level=os.environ.get("DYNAMO_LOG_LEVEL", "INFO"),
@@ -30,26 +28,22 @@ def model_path(cfg: RunConfig, progress: bool = True) -> str:
 
 
 def run_keys(cfg: RunConfig, role: str):
-    """(this process's CurveKeys, client keys a server admits) or (None, None) without CURVE."""
+    """This process's role keys (protocol.auth.RunKeys), or None without CURVE."""
     if not cfg.network.curve:
-        return None, None
-    from protocol.sockets import CurveKeys, public_keys
+        return None
+    from protocol.auth import RunKeys
 
     key_dir = cfg.run_dir / "keys"
-    if not (key_dir / "server.key").is_file():
-        raise ConfigError(f"network.curve is on but {key_dir} holds no run keys: run "
+    if not (key_dir / f"{role}.key").is_file():
+        raise ConfigError(f"network.curve is on but {key_dir} holds no {role} key: run "
                           f"`dynamo-rl keys {cfg.run_dir}` (the launcher does it for you)")
-    keys = CurveKeys.load(key_dir, client=role if role != "allocator" else None)
-    return keys, public_keys(key_dir)
+    return RunKeys.load(key_dir, role)
 
 
 def ensure_run_keys(run_dir: Path) -> None:
-    from protocol.sockets import generate_keys
+    from protocol.auth import generate_run_keys
 
-    key_dir = run_dir / "keys"
-    missing = [n for n in KEY_NAMES if not (key_dir / f"{n}.key_secret").is_file()]
-    if missing:
-        generate_keys(key_dir, missing)
+    generate_run_keys(run_dir / "keys")
 
 
 def cmd_check_config(cfg: RunConfig, args: argparse.Namespace) -> int:
@@ -74,15 +68,14 @@ def cmd_allocator(cfg: RunConfig, args: argparse.Namespace) -> int:
 
     setup_logging("allocator")
     problems, _ = load_task(cfg.task)
-    keys, clients = run_keys(cfg, "allocator")
+    keys = run_keys(cfg, "allocator")
     net = cfg.network
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     service = AllocatorService(
         problems, cfg.allocator, rule=cfg.budget_rule, verifier=cfg.task.verifier_name,
         prompts_per_step=cfg.learner.prompts_per_step, max_staleness=cfg.max_staleness,
         updates_per_batch=cfg.learner.updates_per_batch, endpoint=net.bind(net.allocator_port),
-        run_dir=cfg.run_dir, keys=keys,
-        client_keys=clients)
+        run_dir=cfg.run_dir, keys=keys)
     run_allocator(service)
     return 0
 
@@ -94,7 +87,7 @@ def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
 
     setup_logging(f"actor{args.index}")
     path = model_path(cfg, progress=False)
-    keys, _ = run_keys(cfg, "actor")
+    keys = run_keys(cfg, "actor")
     net = cfg.network
     ep = Endpoints(allocator=net.allocator, rollouts=net.rollouts, weights=net.weights,
                    weights_backend=net.weights_backend)
@@ -128,7 +121,7 @@ def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
         from transformers import AutoTokenizer
 
         held_out = render_problems(AutoTokenizer.from_pretrained(path), held_out, fmt)
-    keys, clients = run_keys(cfg, "learner")
+    keys = run_keys(cfg, "learner")
     net = cfg.network
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     from protocol.weights import BroadcastSettings
@@ -140,7 +133,7 @@ def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
         allocator=net.allocator, rollouts=net.bind(net.rollout_port),
         weights=net.bind(net.weights_port),
         held_out=held_out, verifier=cfg.task.verifier_name, task=cfg.task, keys=keys,
-        client_keys=clients,
+        max_model_len=cfg.actor.max_model_len,
         max_message_bytes=net.max_message_mib << 20,
         broadcast=BroadcastSettings(
             host=net.learner_host or net.host, port=net.weights_group_port,
@@ -219,12 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=30.0,
                    help="seconds of the run shown in the timeline figure (the last ones)")
     p.set_defaults(fn=None)
+    p = sub.add_parser("audit", help="check a run's exactly-once guarantees from the learner's "
+                       "grant record, the allocator's ledger and the drop counters; exit 1 "
+                       "on any violation")
+    p.add_argument("run_dir", metavar="RUN_DIR")
 
     own, rest = split_overrides(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(own)
-    if args.command == "profile":  # reads a run directory, not a config
+    if args.command in ("profile", "audit"):  # read a run directory, not a config
         if rest:
-            parser.error(f"profile takes no config overrides: {' '.join(rest)}")
+            parser.error(f"{args.command} takes no config overrides: {' '.join(rest)}")
+        if args.command == "audit":
+            from launch.audit import main as audit_main
+
+            return audit_main(args.run_dir)
         return cmd_profile(args)
     try:
         if getattr(args, "resume", None):  # the run's own config, plus any overrides

@@ -23,8 +23,9 @@ import zmq
 
 from learner.config import LearnerConfig
 from learner.objective import PRESETS, ObjectiveConfig
-from learner.trainer import Trainer, init_distributed, metrics_line, send_progress
-from protocol.sockets import CurveKeys, SocketOptions, open_socket
+from learner.trainer import Trainer, init_distributed, metrics_line
+from protocol.auth import RunKeys
+from protocol.sockets import SocketOptions, open_socket
 from protocol.weights import BroadcastSettings
 from tasks.config import TaskConfig
 from tasks.problems import Problem
@@ -47,9 +48,9 @@ class LearnerSetup:
     weights: str
     held_out: list[Problem]  # rendered in the actors' prompt format
     verifier: str
+    max_model_len: int  # the actors' context: longer samples are refused at the intake
     task: TaskConfig | None = None  # verifier time limit and answer extraction
-    keys: CurveKeys | None = None
-    client_keys: set[bytes] | None = None
+    keys: RunKeys | None = None
     max_message_bytes: int = 512 << 20
     broadcast: BroadcastSettings | None = None  # the broadcast weights backend
 
@@ -81,27 +82,34 @@ def run_learner(s: LearnerSetup) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
-    intake = publisher = alloc = ctx = tokenizer = None
+    intake = publisher = alloc = ctx = tokenizer = reporter = None
     metrics_f = writer = None
     if rank == 0:
         from transformers import AutoTokenizer
 
-        from learner.intake import Intake
+        from learner.grant_record import GrantRecord
+        from learner.intake import Bounds, Intake
+        from learner.progress import ProgressReporter
         from protocol.weights import WeightPublisher
         from telemetry.scalars import ScalarWriter
 
         tokenizer = AutoTokenizer.from_pretrained(s.model_path)
-        intake = Intake(s.rollouts, capacity=4 * cfg.prompts_per_step, keys=s.keys,
-                        client_keys=s.client_keys, max_message_bytes=s.max_message_bytes)
+        bounds = Bounds(vocab_size=trainer.lm.config.vocab_size, max_model_len=s.max_model_len,
+                        grant_secret=s.keys.grant_secret if s.keys is not None else None)
+        intake = Intake(s.rollouts, capacity=4 * cfg.prompts_per_step, bounds=bounds,
+                        keys=s.keys, max_message_bytes=s.max_message_bytes)
+        intake.learner_version = trainer.version
         if state:
-            intake.seen.update(state.get("seen", []))
+            if state.get("grants"):  # absent from checkpoints older than the record
+                intake.restore(GrantRecord.from_dict(state["grants"]))
             intake.counters.update(counters)
         ctx = zmq.Context()
         if s.keys is not None:
             from protocol.sockets import start_authenticator
 
-            auth = start_authenticator(ctx, s.client_keys or set())
-        wsock = open_socket(ctx, zmq.ROUTER, s.weights, bind=True, keys=s.keys,
+            auth = start_authenticator(ctx, s.keys.actors)  # the weights socket: actors only
+        wsock = open_socket(ctx, zmq.ROUTER, s.weights, bind=True,
+                            keys=s.keys.serve() if s.keys is not None else None,
                             options=SocketOptions(sndhwm=256,
                                                   max_message_bytes=s.max_message_bytes))
         try:
@@ -112,7 +120,9 @@ def run_learner(s: LearnerSetup) -> int:
         except Exception as e:  # noqa: BLE001 - e.g. the rendezvous port is taken
             log.warning("weights backend broadcast cannot run here (%s): using ZeroMQ", e)
             publisher = WeightPublisher(wsock)
-        alloc = open_socket(ctx, zmq.DEALER, s.allocator, bind=False, keys=s.keys)
+        alloc = open_socket(ctx, zmq.DEALER, s.allocator, bind=False,
+                            keys=s.keys.connect(s.keys.allocator) if s.keys is not None else None)
+        reporter = ProgressReporter(alloc, intake, s.run_dir, clock_id)
         metrics_f = (s.run_dir / "metrics.jsonl").open("a")
         writer = ScalarWriter(s.run_dir, os.environ.get("DYNAMO_WANDB_PROJECT"),
                               config={"preset": s.preset, **cfg.model_dump()})
@@ -127,12 +137,11 @@ def run_learner(s: LearnerSetup) -> int:
             return trainer.for_each_weight(consume, check_replicas=check_replicas)
 
     publish(check_replicas=False)
-    if rank == 0:
-        send_progress(alloc, trainer.version, intake.counters, clock_id)
-
     def heartbeat() -> None:
-        if alloc is not None and intake is not None:
-            send_progress(alloc, trainer.version, intake.counters, clock_id)
+        if reporter is not None:
+            reporter.send(trainer.version, step)
+
+    heartbeat()
 
     def write_metrics(rec: dict) -> None:
         metrics_f.write(json.dumps(rec) + "\n")
@@ -170,6 +179,9 @@ def run_learner(s: LearnerSetup) -> int:
                 break
             version0 = trainer.version
             stats = trainer.step(groups)
+            if intake is not None:
+                intake.trained(groups)
+                intake.learner_version = trainer.version  # before actors can hold it
             record_step_spans(t_got, now_ns(), stats, trainer.version)
             step += 1
             stats["time/wait_batch"] = (t_got - t_iter) / 1e9
@@ -213,6 +225,7 @@ def run_learner(s: LearnerSetup) -> int:
             t_done = t_end
         if step and (state is None or step != int(state["step"])):
             checkpoint(trainer, step, intake, s)  # final (also on SIGTERM)
+        heartbeat()  # the final position and record
     finally:
         if rank == 0:
             assert intake is not None and publisher is not None
@@ -263,7 +276,7 @@ def checkpoint(trainer: Trainer, step: int, intake, s: LearnerSetup) -> float:
     """Write a checkpoint (all ranks); returns the seconds it took."""
     counters = dict(intake.counters) if intake is not None else {}
     state = {"step": step, "version": trainer.version, "counters": counters,
-             "seen": sorted(intake.seen) if intake is not None else []}
+             "grants": intake.record.to_dict() if intake is not None else None}
     t = time.perf_counter()
     with span("checkpoint", step=step):
         trainer.save(s.run_dir / "checkpoints", f"step{step:07d}", state, s.model_path,

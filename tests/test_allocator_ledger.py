@@ -1,4 +1,5 @@
-"""Allocator ledger: rounds, leases, exactly-once accounting, pacing, snapshots."""
+"""Allocator ledger: rounds, leases, exactly-once accounting, receipts, learner progress,
+pacing, snapshots."""
 
 from __future__ import annotations
 
@@ -66,10 +67,56 @@ def test_report_with_current_lease_counts_exactly_once() -> None:
     led = ledger()
     g = grants(led, 1)[0]
     assert led.report(report_of(g, k=3)) == "accepted"
-    assert led.report(report_of(g, k=3)) == "duplicate"
+    assert led.report(report_of(g, k=3)) == "duplicate"  # reported, awaiting its group
     assert stats_of(led, g.problem_id) == (3.0, g.n)
-    assert led.completed_groups == 1
-    assert led.counters["report_duplicate"] == 1
+    assert led.completed_groups == 0 and g.grant_id not in led.completed
+    led.receipts([g.grant_id])
+    assert led.report(report_of(g, k=3)) == "duplicate"  # completed
+    assert stats_of(led, g.problem_id) == (3.0, g.n)
+    assert led.completed_groups == 1 and list(led.completed) == [g.grant_id]
+    assert led.counters["report_duplicate"] == 2
+
+
+def test_a_grant_completes_with_report_and_receipt_in_either_order() -> None:
+    led = ledger()
+    a, b = grants(led, 2)
+    led.receipts([a.grant_id])  # the learner got a's group before the allocator its report
+    assert a.grant_id not in led.completed
+    assert led.report(report_of(a)) == "accepted"
+    assert led.report(report_of(b)) == "accepted"
+    assert b.grant_id not in led.completed
+    led.receipts([b.grant_id, b.grant_id, 10**9])
+    assert list(led.completed) == [a.grant_id, b.grant_id]
+    assert led.received_groups == 2
+    assert led.counters["receipt_duplicate"] == 1 and led.counters["receipt_unknown"] == 1
+
+
+def test_a_grant_reported_without_its_group_expires_and_is_reissued() -> None:
+    """An actor that reports but never sends the group (it died, or lies): its grant is not
+    completed, and once a lease period passes without the learner's receipt it is re-issued;
+    heartbeats cannot keep it alive."""
+    led = ledger()
+    g = grants(led, 1, now=0.0)[0]
+    assert led.report(report_of(g), now=1.0) == "accepted"
+    led.heartbeat("a", [g.grant_id], now=LEASE)  # no renewal of a reported grant
+    assert led.expire(1.0 + LEASE - 0.5) == 0
+    assert led.expire(1.0 + LEASE) == 1
+    assert led.counters["groups_not_received"] == 1 and led.counters["leases_expired"] == 0
+    again = grants(led, 1, now=20.0, actor="b")[0]
+    assert (again.grant_id, again.n) == (g.grant_id, g.n) and again.lease_id != g.lease_id
+    assert led.report(report_of(again), now=21.0) == "accepted"
+    led.receipts([g.grant_id])
+    assert list(led.completed) == [g.grant_id] and led.issued_groups == 1
+
+
+def test_reported_grants_do_not_count_against_the_actors_share() -> None:
+    led = ledger(max_staleness=1, prompts_per_step=4)  # window of 4
+    first = grants(led, 100)
+    assert len(first) == 4
+    for g in first:
+        led.report(report_of(g))
+    led.progress(version=1, consumed_groups=4)
+    assert len(grants(led, 100)) == 4  # the reported ones wait for receipts, not for a
 
 
 def test_report_for_an_expired_lease_is_late_and_changes_nothing() -> None:
@@ -177,19 +224,38 @@ def test_pacing_still_reissues_expired_work() -> None:
 def test_a_restarted_learner_reopens_the_pacing_window_and_lost_groups_are_counted() -> None:
     led = ledger(max_staleness=0, prompts_per_step=4)
     for g in grants(led, 4):  # one step of work, completed and consumed
-        led.report(StatsReport(grant_id=g.grant_id, lease_id=g.lease_id, problem_id=g.problem_id,
-                               actor_id="a", k=1, n=g.n))
-    led.progress(version=1, consumed_groups=4)
-    for g in grants(led, 4):  # a second step completed, then the learner dies unconsumed
-        led.report(StatsReport(grant_id=g.grant_id, lease_id=g.lease_id, problem_id=g.problem_id,
-                               actor_id="a", k=1, n=g.n))
+        led.report(report_of(g))
+        led.receipts([g.grant_id])
+    assert led.progress(version=1, consumed_groups=4, session=1) == "accepted"
+    for g in grants(led, 4):  # a second step received, then the learner dies unconsumed
+        led.report(report_of(g))
+        led.receipts([g.grant_id])
     assert isinstance(led.request("a", 1, 0.0), NoWork)
-    led.progress(version=1, consumed_groups=4)  # resumed from the step-1 checkpoint
+    # resumed from the step-1 checkpoint: same count, but the 4 it had received are gone
+    assert led.progress(version=1, consumed_groups=4, session=2) == "accepted"
     assert isinstance(led.request("a", 1, 0.0), NoWork)  # not a regression: same count
-    led.progress(version=0, consumed_groups=0)  # resumed from scratch
+    assert led.progress(version=0, consumed_groups=0, session=3) == "restart"  # from scratch
     assert led.counters["groups_lost_to_learner_restart"] == 8
     assert (led.learner_version, led.consumed_groups) == (0, 0)
     assert len(grants(led, 4)) == 4  # the window is open again
+
+
+def test_learner_progress_that_cannot_be_true_is_refused_and_changes_nothing() -> None:
+    """A consumed count going backwards without a new session, a version going backwards, or a
+    version beyond the updates its consumed groups allow (2 per batch of 4 groups)."""
+    led = Ledger(PROBLEMS, CFG, rule="variance", verifier="integer", prompts_per_step=4,
+                 max_staleness=8, updates_per_batch=2)
+    assert led.progress(version=4, consumed_groups=9, session=7) == "accepted"
+    assert led.progress(version=0, consumed_groups=0, session=7) == "consumed_regression"
+    assert led.progress(version=3, consumed_groups=9, session=7) == "version_regression"
+    assert led.progress(version=10**6, consumed_groups=12, session=7) == "impossible_version"
+    assert led.progress(version=5, consumed_groups=11, session=8) == "impossible_version"
+    assert (led.learner_version, led.consumed_groups) == (4, 9)
+    assert {k: v for k, v in led.counters.items() if k.startswith("progress_refused_")} == {
+        "progress_refused_consumed_regression": 1, "progress_refused_version_regression": 1,
+        "progress_refused_impossible_version": 2}
+    assert led.progress(version=6, consumed_groups=12, session=7) == "accepted"
+    assert led.counters["learner_restarts"] == 0
 
 
 @settings(max_examples=30, deadline=None)
@@ -213,15 +279,18 @@ def test_snapshot_restores_position_leases_and_statistics() -> None:
     led = ledger()
     for g in grants(led, 7):
         led.report(report_of(g, k=1))
+        led.receipts([g.grant_id])
     grants(led, 2, now=5.0)  # two leases outstanding at snapshot time
-    led.progress(version=2, consumed_groups=6)
+    led.progress(version=1, consumed_groups=6, session=3)
     state = led.state_dict()
 
     restored = ledger()
     restored.load_state_dict(state, now=100.0)
     for key in ("epoch", "cursor", "round", "issued_groups", "completed_groups",
-                "learner_version", "consumed_groups"):
+                "received_groups", "learner_version", "consumed_groups", "learner_session",
+                "formed", "completed"):
         assert getattr(restored, key) == getattr(led, key), key
+    assert len(restored.completed) == 7 and len(restored.formed) == 3 * B
     # ids skip past anything issued between the snapshot and a crash: never reused
     assert restored.next_grant_id == led.next_grant_id + RESTORE_ID_GAP
     assert restored.next_lease_id == led.next_lease_id + RESTORE_ID_GAP
@@ -241,6 +310,7 @@ def test_leases_held_at_a_snapshot_stay_valid_for_a_lease_period() -> None:
     restored.load_state_dict(led.state_dict(), now=100.0)
     assert restored.expire(100.0 + LEASE - 1) == 0
     assert restored.report(report_of(held[0], k=2)) == "accepted"
+    restored.receipts([held[0].grant_id])
     assert stats_of(restored, held[0].problem_id) == (2.0, held[0].n)
     assert restored.expire(100.0 + LEASE) == 1
     assert restored.report(report_of(held[1])) == "late"
@@ -261,6 +331,7 @@ def test_a_resumed_run_forgets_the_previous_launchs_work_in_flight() -> None:
     done = grants(led, 4)
     for g in done:  # completed, then the learner that received them died unconsumed
         led.report(report_of(g))
+        led.receipts([g.grant_id])
     held = grants(led, 4)  # leased to an actor of the old launch
     assert isinstance(led.request("a", 1, 0.0), NoWork)  # the window (8 groups) is full
     state = led.state_dict()

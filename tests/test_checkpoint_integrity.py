@@ -56,3 +56,69 @@ def test_no_usable_checkpoint_is_a_clear_error(tmp_path):
 
 def test_no_checkpoint_at_all_means_a_fresh_start(tmp_path):
     assert pick_checkpoint(tmp_path) is None
+
+
+# ---------------------------------------------------------------- the real Trainer.save
+
+@pytest.fixture(scope="module")
+def trainer(tiny_model):
+    """A one-rank DeepSpeed Trainer in this process (gloo on CPU), torn down afterwards."""
+    import torch.distributed as dist
+
+    from launch.ports import free_ports
+    from learner.config import LearnerConfig
+    from learner.objective import PRESETS
+    from learner.trainer import Trainer, init_distributed
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_ports(1)[0]), "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache/dynamo-rl/torch_extensions")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        init_distributed()
+        try:
+            yield Trainer(LearnerConfig(), PRESETS["dynamo"], str(tiny_model), temperature=1.0)
+        finally:
+            dist.destroy_process_group()
+
+
+def _fail_latest_rename(real):
+    def replace(src, dst, *a, **kw):
+        if Path(dst).name == "LATEST":
+            raise OSError("killed before LATEST moved")
+        return real(src, dst, *a, **kw)
+    return replace
+
+
+@pytest.mark.parametrize("where", ["hf_weights", "copies", "manifest", "latest_rename"])
+def test_a_save_failing_between_its_writes_never_moves_latest(trainer, tiny_model, tmp_path,
+                                                              monkeypatch, where):
+    """Trainer.save itself, with a failure injected after the DeepSpeed state (HF weights),
+    after the weights (copying tokenizer files and extras), before the manifest, or at the
+    LATEST rename: the previous checkpoint stays the one that resumes, with its version."""
+    import learner.trainer as tr
+
+    root, extra = tmp_path / "checkpoints", tmp_path / "allocator_state.pkl"
+    extra.write_bytes(b"snapshot")
+    trainer.version = 1
+    trainer.save(root, "step0000001", {"step": 1, "version": 1}, str(tiny_model), [extra])
+    trainer.version = 2
+
+    def boom(*_a, **_kw):
+        raise OSError(f"killed at {where}")
+    if where == "hf_weights":
+        monkeypatch.setattr(trainer, "_write_hf", boom)
+    elif where == "copies":
+        monkeypatch.setattr(tr.shutil, "copy", boom)
+    elif where == "manifest":
+        monkeypatch.setattr(tr, "write_manifest", boom)
+    else:
+        monkeypatch.setattr(tr.os, "replace", _fail_latest_rename(tr.os.replace))
+    with pytest.raises(OSError, match="killed"):
+        trainer.save(root, "step0000002", {"step": 2, "version": 2}, str(tiny_model), [extra])
+    monkeypatch.undo()
+    assert (root / "LATEST").read_text() == "step0000001"
+    assert (root / "step0000002").is_dir()  # the failed save did write something
+    assert pick_checkpoint(root) == "step0000001"
+    assert trainer.load(root)["version"] == 1 and trainer.version == 1

@@ -303,8 +303,9 @@ exec cp -p ${{paths[@]:0:${{#paths[@]}}-1}} "${{paths[-1]}}"
     calls = record.read_text()
     assert "nodeA" in calls and "nodeB" in calls and "scp -pq" in calls
     keys = sorted((run_dir / "keys").iterdir())
-    assert [k.name for k in keys] == sorted(f"{n}.key{s}" for n in ("actor", "learner", "server")
-                                            for s in ("", "_secret"))
+    assert [k.name for k in keys] == sorted(
+        ["grant.secret", *(f"{n}.key{s}" for n in ("actor", "allocator", "learner")
+                           for s in ("", "_secret"))])
     for key in keys:
         assert key.stat().st_size > 0 and stat.S_IMODE(key.stat().st_mode) == 0o600, key
     assert not (run_dir / ".keys.incoming").exists()

@@ -16,9 +16,12 @@ import zmq
 from conftest import REPO, Proc, make_config, wait_for
 
 from launch.config import load_config
+from protocol.auth import RunKeys, generate_run_keys
 from protocol.codec import encode
 from protocol.messages import (
     PROTOCOL_VERSION,
+    Heartbeat,
+    LearnerProgress,
     RolloutGroup,
     StatsReport,
     WorkGrant,
@@ -71,11 +74,11 @@ def hostile_frames() -> list[list[bytes]]:
 def test_allocator_rejects_hostile_messages_counts_them_and_keeps_serving(tiny_model, tmp_path):
     cfg_path = make_config(tmp_path, tiny_model, allocator={"snapshot_every_s": 0.2})
     cfg = load_config(cfg_path)
-    generate_keys(tmp_path / "keys", ["server", "actor", "learner"])
+    generate_run_keys(tmp_path / "keys")
     alloc = Proc("allocator", cfg_path)
     ctx = zmq.Context()
     try:
-        keys = CurveKeys.load(tmp_path / "keys", client="actor")
+        keys = CurveKeys.load(tmp_path / "keys", server="allocator", client="actor")
         sock = open_socket(ctx, zmq.DEALER, cfg.network.allocator, bind=False, keys=keys,
                            options=SocketOptions(rcvtimeo_ms=5000))
         wait_for(lambda: (tmp_path / "allocator_status.json").is_file(), 60, "the allocator")
@@ -113,21 +116,20 @@ def test_allocator_rejects_hostile_messages_counts_them_and_keeps_serving(tiny_m
 def test_unauthenticated_peers_reach_nothing(tiny_model, tmp_path):
     cfg_path = make_config(tmp_path, tiny_model, allocator={"snapshot_every_s": 0.2})
     cfg = load_config(cfg_path)
-    generate_keys(tmp_path / "keys", ["server", "actor", "learner"])
-    generate_keys(tmp_path / "outsider", ["server", "actor"])  # a different run's keys
+    generate_run_keys(tmp_path / "keys")
+    generate_keys(tmp_path / "outsider", ["allocator", "actor"])  # a different run's keys
     alloc = Proc("allocator", cfg_path)
     ctx = zmq.Context()
     try:
         wait_for(lambda: (tmp_path / "allocator_status.json").is_file(), 60, "the allocator")
         plain = open_socket(ctx, zmq.DEALER, cfg.network.allocator, bind=False,
                             options=SocketOptions(sndtimeo_ms=200, rcvtimeo_ms=500))
+        theirs = CurveKeys.load(tmp_path / "outsider", server="allocator", client="actor")
+        ours = CurveKeys.load(tmp_path / "keys", server="allocator")
         outsider = open_socket(ctx, zmq.DEALER, cfg.network.allocator, bind=False,
-                               keys=CurveKeys(
-                                   server_public=CurveKeys.load(tmp_path / "keys").server_public,
-                                   client_public=CurveKeys.load(tmp_path / "outsider",
-                                                                client="actor").client_public,
-                                   client_secret=CurveKeys.load(tmp_path / "outsider",
-                                                                client="actor").client_secret),
+                               keys=CurveKeys(server_public=ours.server_public,
+                                              client_public=theirs.client_public,
+                                              client_secret=theirs.client_secret),
                                options=SocketOptions(sndtimeo_ms=200, rcvtimeo_ms=500))
         for s in (plain, outsider):
             try:
@@ -142,6 +144,55 @@ def test_unauthenticated_peers_reach_nothing(tiny_model, tmp_path):
         assert c.get("refused_unauthenticated", 0) >= 1
         for s in (plain, outsider):
             s.close(linger=0)
+    finally:
+        alloc.stop()
+        ctx.destroy(linger=0)
+
+
+def test_an_actor_key_cannot_move_the_allocators_view_of_the_learner(tiny_model, tmp_path):
+    """Progress from an actor's key (consumed 0 would fake a learner restart, version 10^6
+    stalled a run), work requests from the learner's key, and progress from the learner's
+    key that cannot be true are all refused and counted; the learner's view stays put."""
+    cfg_path = make_config(tmp_path, tiny_model, allocator={"snapshot_every_s": 0.2})
+    cfg = load_config(cfg_path)
+    generate_run_keys(tmp_path / "keys")
+    alloc = Proc("allocator", cfg_path)
+    ctx = zmq.Context()
+    try:
+        socks = {}
+        for role in ("actor", "learner"):
+            k = RunKeys.load(tmp_path / "keys", role)
+            socks[role] = open_socket(ctx, zmq.DEALER, cfg.network.allocator, bind=False,
+                                      keys=k.connect(k.allocator),
+                                      options=SocketOptions(rcvtimeo_ms=5000))
+        wait_for(lambda: (tmp_path / "allocator_status.json").is_file(), 60, "the allocator")
+        learner, actor = socks["learner"], socks["actor"]
+        send(learner, LearnerProgress(version=1, consumed_groups=32, consumed_samples=0,
+                                      dropped_stale=0, session=1))
+        for msg in (LearnerProgress(version=0, consumed_groups=0, consumed_samples=0,
+                                    dropped_stale=0, session=666),
+                    LearnerProgress(version=10**6, consumed_groups=10**9, consumed_samples=0,
+                                    dropped_stale=0, session=1),
+                    Heartbeat(sender="x", role="learner", sent_at=0.0, policy_version=10**6,
+                              in_flight=[])):
+            send(actor, msg)
+        send(learner, WorkRequest(actor_id="l", want=4, policy_version=0))
+        send(learner, LearnerProgress(version=10**6, consumed_groups=40, consumed_samples=0,
+                                      dropped_stale=0, session=1))
+        send(learner, LearnerProgress(version=0, consumed_groups=0, consumed_samples=0,
+                                      dropped_stale=0, session=1))  # no restart marker
+        send(actor, WorkRequest(actor_id="a", want=2, policy_version=0))
+        grants = [recv(actor), recv(actor)]  # the actor is still served, grants signed
+        assert all(isinstance(g, WorkGrant) and len(g.mac) == 32 for g in grants)
+        want = {"refused_role_LearnerProgress": 2, "refused_role_Heartbeat": 1,
+                "refused_role_WorkRequest": 1, "progress_refused_impossible_version": 1,
+                "progress_refused_consumed_regression": 1}
+        wait_for(lambda: all(_status(tmp_path)["counters"].get(k) == v
+                             for k, v in want.items()), 30, f"the refusals {want}")
+        st = _status(tmp_path)
+        assert (st["learner_version"], st["consumed_groups"]) == (1, 32)
+        assert st["counters"].get("learner_restarts", 0) == 0
+        assert "groups_lost_to_learner_restart" not in st["counters"]
     finally:
         alloc.stop()
         ctx.destroy(linger=0)
