@@ -15,11 +15,16 @@ class TaskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["arithmetic", "file"] = Field(
-        "arithmetic", description="built-in arithmetic task, or a local jsonl/parquet file")
-    seed: int = Field(0, description="seed of the built-in task's problem generator")
-    num_problems: int = Field(2048, ge=1, description="training problems of the built-in task")
-    num_eval_problems: int = Field(256, ge=1, description="held-out problems of the built-in task")
+    kind: Literal["arithmetic", "file", "math-rehearsal"] = Field(
+        "arithmetic", description="built-in arithmetic task, local jsonl/parquet files, or "
+        "the math rehearsal (generated word problems written as DAPO-Math-17k parquet and "
+        "MATH500 jsonl under data_dir; tasks/math_rehearsal.py)")
+    seed: int = Field(0, description="seed of the problem generator (built-in, rehearsal)")
+    num_problems: int = Field(2048, ge=1, description="training problems (built-in, rehearsal)")
+    num_eval_problems: int = Field(256, ge=1,
+                                   description="held-out problems (built-in, rehearsal)")
+    data_dir: Path = Field(Path(".cache/data"),
+                           description="where the rehearsal's generated files are written")
     max_digits: int = Field(4, ge=1, le=9, description="largest operand digit count (built-in)")
     path: Path | None = Field(None, description="training problems file (kind = 'file')")
     eval_path: Path | None = Field(None, description="held-out problems file (kind = 'file')")
@@ -42,7 +47,7 @@ class TaskConfig(BaseModel):
         None, description="wrap the prompt in the tokenizer's chat template (true: required); "
         "default: for files when the tokenizer has one, never for the built-in task")
     verifier: Literal["reversed-integer", "integer", "math"] | None = Field(
-        None, description="answer checker; default: reversed-integer (built-in) / math (files)")
+        None, description="answer checker; default: reversed-integer (built-in), else math")
     answer_extraction: AnswerExtraction = Field(
         DEFAULT_EXTRACTION, description="math answers: the last \\boxed{}, the last `Answer:` line "
         "(DAPO-Math-17k's format), or whichever of the two comes last")
@@ -59,6 +64,9 @@ class TaskConfig(BaseModel):
                 p = getattr(self, name)
                 if p is not None and not Path(p).is_file():
                     raise ValueError(f"task.{name}: no such file: {p}")
+        if self.kind == "math-rehearsal" and (self.path or self.eval_path):
+            raise ValueError("task.path / task.eval_path: the math rehearsal writes its own "
+                             "files (under task.data_dir); use kind = 'file' for yours")
         if self.prompt_template is not None and "{problem}" not in self.prompt_template:
             raise ValueError("task.prompt_template must contain {problem}")
         return self

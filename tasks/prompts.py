@@ -38,15 +38,16 @@ def resolved_prompt_format(task: TaskConfig,
                            kind: Literal["arithmetic", "file"] | None = None) -> PromptFormat:
     """The task's prompt format, its unset fields defaulted by dataset `kind` (the task's
     own unless given: `dynamo-rl eval` puts file benchmarks to a model trained on the
-    built-in task): math files get the Qwen2.5-Math CoT instruction in the tokenizer's chat
-    template if it has one; the built-in task its bare prompt, as the tiny model learnt it."""
-    file = (kind or task.kind) == "file"
+    built-in task): math (files, the rehearsal) gets the Qwen2.5-Math CoT instruction in the
+    tokenizer's chat template if it has one; the built-in task its bare prompt, as the tiny
+    model learnt it."""
+    math = (kind or task.kind) != "arithmetic"
     return PromptFormat(
         template=task.prompt_template if task.prompt_template is not None
-        else MATH_TEMPLATE if file else "{problem}",
+        else MATH_TEMPLATE if math else "{problem}",
         system_prompt=task.system_prompt,
         chat_template=task.chat_template if task.chat_template is not None
-        else None if file else False)
+        else None if math else False)
 
 
 def render_prompt(tokenizer, problem: str, fmt: PromptFormat) -> str:
