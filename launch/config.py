@@ -97,6 +97,10 @@ class RunConfig(BaseModel):
     preset: Preset = Field("dynamo", description="grpo | dynamo | alloc-only | modulation-only")
     mode: Literal["async", "sync"] = Field(
         "async", description="sync: actors wait for each new version (max_staleness 0)")
+    placement: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated", description="disaggregated: actors and learner on their own devices "
+        "(on one CPU machine: its cores split between them), overlapping generation and "
+        "training; colocated: they share every device and take turns (implies mode = sync)")
     task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     allocator: AllocatorConfig = Field(default_factory=AllocatorConfig)
@@ -134,7 +138,8 @@ class RunConfig(BaseModel):
 
     @property
     def max_staleness(self) -> int:
-        return 0 if self.mode == "sync" else self.allocator.max_staleness
+        synchronous = self.mode == "sync" or self.placement == "colocated"
+        return 0 if synchronous else self.allocator.max_staleness
 
 
 def vllm_build() -> str | None:

@@ -151,6 +151,12 @@ class Progress:
               f"step {step_wall(r):5.2f}s  ETA {eta:4.0f}s{acc}", flush=True)
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _free_port() -> int:
     from launch.ports import free_ports
 
@@ -181,12 +187,27 @@ def run_local(cfg: RunConfig, resume: str | None = None) -> int:
     py = [sys.executable, "-m", "launch.cli"]
     env = child_env()
     logs = run_dir / "logs"
-    part = cpu_partition()
     actor_env, learner_env = dict(env), dict(env)
-    if part is not None:
-        actor_env["VLLM_CPU_OMP_THREADS_BIND"] = part[0]
-        learner_env["DYNAMO_CPU_AFFINITY"] = part[1]
-        print(f"[run] CPU cores: actors {part[0]}, learner {part[1]}", flush=True)
+    if cfg.placement == "colocated":
+        # Actors and learner take turns (synchronous phases), each with every core; idle
+        # OpenMP threads sleep instead of spinning, so the waiting side costs nothing.
+        every = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        for e in (actor_env, learner_env):
+            e["OMP_WAIT_POLICY"] = "PASSIVE"
+        if not _cuda():
+            actor_env["VLLM_CPU_OMP_THREADS_BIND"] = every
+            learner_env["DYNAMO_CPU_AFFINITY"] = every
+        print(f"[run] placement: colocated (actors and learner take turns on cores {every})",
+              flush=True)
+    else:
+        part = cpu_partition()
+        if part is not None:
+            actor_env["VLLM_CPU_OMP_THREADS_BIND"] = part[0]
+            learner_env["DYNAMO_CPU_AFFINITY"] = part[1]
+            print(f"[run] placement: disaggregated (CPU cores: actors {part[0]}, learner "
+                  f"{part[1]})", flush=True)
+        else:
+            print("[run] placement: disaggregated", flush=True)
     alloc = Child("allocator", [*py, "allocator", cfg_file], logs / "allocator.log", env)
     # Learner ranks are our own children (not torchrun's), so each dies with the launcher.
     master_port = _free_port()
