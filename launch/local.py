@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch.config import RunConfig, dump_config
-from telemetry.report import step_wall
+from telemetry.merge import step_wall
 
 _PR_SET_PDEATHSIG = 1
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from crc32c import crc32c
 
+from protocol.blob import unpack_weights
 from protocol.messages import (
     WeightAck,
     WeightBroadcast,
@@ -194,8 +195,6 @@ class BroadcastMember:
             self.outbox.put(WeightAck(actor_id=self.receiver.actor_id,
                                       version=self.receiver.version, next_index=0))
             return
-        from protocol.weights import unpack_weights
-
         self.receiver.version = msg.version
         self.counters["versions_received"] += 1
         log.info("received weights v%d by broadcast in %.3fs", msg.version,

@@ -19,8 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from telemetry.merge import ProcessTrace, aligned_spans, read_jsonl  # noqa: E402
-from telemetry.report import step_wall  # noqa: E402
+from telemetry.merge import ProcessTrace, aligned_spans, read_jsonl, step_wall  # noqa: E402
 
 
 def draw_figures(run_dir: Path, procs: list[ProcessTrace], summary: dict[str, Any],

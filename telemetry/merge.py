@@ -82,6 +82,12 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 break
 
 
+def step_wall(r: dict[str, Any]) -> float:
+    """A learner step's wall time from its metrics record; runs from before step_wall_s
+    existed fall back to the sum of its phases."""
+    return r.get("step_wall_s") or sum(v for k, v in r.items() if k.startswith("time/"))
+
+
 def read_process(path: Path) -> ProcessTrace | None:
     records = read_jsonl(path)
     head = next(records, None)

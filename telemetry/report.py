@@ -31,6 +31,7 @@ from telemetry.merge import (
     aligned_spans,
     read_jsonl,
     read_traces,
+    step_wall,
     write_trace,
 )
 
@@ -40,11 +41,6 @@ STEP_PHASES = ("wait_batch", "prepare", "recompute", "fwd_bwd", "optimizer", "pu
                "checkpoint")
 ENGINE_STATES = ("generate", "wait_grant", "wait_weights", "apply_weights")
 ACTOR_COUNTERS = ("gen_tokens", "engine_busy_s", "engine_idle_s", "weights_s")
-
-
-def step_wall(r: dict[str, Any]) -> float:
-    """A step's wall time; runs from before step_wall_s existed fall back to its phases."""
-    return r.get("step_wall_s") or sum(v for k, v in r.items() if k.startswith("time/"))
 
 
 def window_steps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
