@@ -1,4 +1,4 @@
-"""DynaMO sequence level: per-prompt sample budgets from Bernoulli statistics (DESIGN.md §2).
+"""DynaMO sequence level: per-prompt sample budgets from Bernoulli statistics (docs/DESIGN.md §2).
 
 Pure, vectorised numpy; no state, no I/O. For a round of B prompts with per-problem
 successes k and samples scored g (floats allowed: statistics may decay):
@@ -71,7 +71,7 @@ def priorities(
     mastery_threshold: float = 0.85,
     min_priority: float = 0.01,
 ) -> tuple[NDArray[np.float64], NDArray[np.bool_]]:
-    """Per-problem water-fill priority and exploring mask (DESIGN.md §2, priority rule).
+    """Per-problem water-fill priority and exploring mask (docs/DESIGN.md §2, priority rule).
 
     Returns (priority, exploring). Exploring problems (g < max(initial_budget, n_min)) carry
     priority 0: they take no part in the water-fill. For "std" the floor min_priority is
@@ -161,7 +161,7 @@ def allocate(
     n_max: int,
     initial_budget: int,
 ) -> NDArray[np.int64]:
-    """Integer budgets n_i with Σ n_i == total and n_min <= n_i <= n_max (DESIGN.md §2).
+    """Integer budgets n_i with Σ n_i == total and n_min <= n_i <= n_max (docs/DESIGN.md §2).
 
     Exploring prompts get b0 = max(initial_budget, n_min); every other prompt gets n_min
     plus a share of the remainder proportional to its priority, capped at n_max, overflow

@@ -1,4 +1,4 @@
-"""Configuration of the allocator service (DESIGN.md §2)."""
+"""Configuration of the allocator service (docs/DESIGN.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Streamed per-problem Bernoulli statistics (DESIGN.md §2, "beyond the paper").
+"""Streamed per-problem Bernoulli statistics (docs/DESIGN.md §2, "beyond the paper").
 
 `ProblemStats` holds, for problems indexed 0..N-1, the successes k_i and samples scored g_i
 that `allocator.budget` turns into sample budgets. Each scored group updates its problem at

@@ -1,4 +1,4 @@
-"""Configuration of the learner (DeepSpeed trainer, DESIGN.md §3-4)."""
+"""Configuration of the learner (DeepSpeed trainer, docs/DESIGN.md §3-7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The learner's objective: DynaMO token level on top of decoupled PPO (DESIGN.md §3).
+"""The learner's objective: DynaMO token level on top of decoupled PPO (docs/DESIGN.md §3).
 
 Pure torch: tensors in, tensors out; no sockets, no DeepSpeed, no optimizer.
 
@@ -42,7 +42,7 @@ ADV_EPS = 1e-6  # the ε in A = (r - mean) / (std + ε)
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
-    """Every knob of the token-level objective; defaults are the paper's (DESIGN.md §3)."""
+    """Every knob of the token-level objective; defaults are the paper's (docs/DESIGN.md §3)."""
 
     modulation: bool = True  # apply A_t = A·β_comp·β_stab (False: plain GRPO advantages)
     alpha: float = 0.2  # α of β_comp

@@ -1,4 +1,4 @@
-"""The learner's training core: DeepSpeed on rollout batches (DESIGN.md §3).
+"""The learner's training core: DeepSpeed on rollout batches (docs/DESIGN.md §3, §5-7).
 
 One rollout batch = `prompts_per_step` groups (rank 0 pulls them and broadcasts them, so every
 rank holds the whole batch). It is cut into mini-batches of `mini_batch_prompts` groups (a
@@ -100,7 +100,7 @@ def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
 
 
 def warmup_lambda(warmup: int):
-    """Linear warm-up to the peak learning rate, then constant (DESIGN.md §4)."""
+    """Linear warm-up to the peak learning rate, then constant (docs/DESIGN.md §4)."""
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 

@@ -1,4 +1,4 @@
-"""DynaMO sequence-level budgets (allocator/budget.py, DESIGN.md §2)."""
+"""DynaMO sequence-level budgets (allocator/budget.py, docs/DESIGN.md §2)."""
 
 from __future__ import annotations
 

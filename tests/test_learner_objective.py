@@ -1,4 +1,4 @@
-"""The learner objective against hand computations and the equations of DESIGN.md §3."""
+"""The learner objective against hand computations and the equations of docs/DESIGN.md §3."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The checked-in Qwen2.5-Math configs carry the paper's hyper-parameters (DESIGN.md §4) and
+"""The checked-in Qwen2.5-Math configs carry the paper's hyper-parameters (docs/DESIGN.md §4) and
 read DAPO-Math-17k with the right fields. Their model and data paths are placeholders, so
 the tests point them at a tiny DAPO-format parquet and a fake HF model directory."""
 
