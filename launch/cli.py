@@ -18,13 +18,15 @@ def setup_logging(role: str) -> None:
 
 
 def model_path(cfg: RunConfig, progress: bool = True) -> str:
-    """The configured model directory, or the embedded tiny model (built if not cached)."""
+    """The configured model directory, or the task's embedded model (built if not cached)."""
     if cfg.model.path is not None:
         return str(cfg.model.path)
-    from launch.embedded_model import ensure_embedded_model
-
-    return str(ensure_embedded_model(cfg.model.cache_dir, cfg.model.warm_start_steps,
-                                     cfg.model.seed, progress=progress))
+    if cfg.task.kind == "math-rehearsal":
+        from launch.rehearsal_model import ensure_rehearsal_model as ensure
+    else:
+        from launch.embedded_model import ensure_embedded_model as ensure
+    return str(ensure(cfg.model.cache_dir, cfg.model.warm_start_steps, cfg.model.seed,
+                      progress=progress))
 
 
 def run_keys(cfg: RunConfig, role: str):
@@ -194,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
 
     add("check-config", cmd_check_config, "validate a config and print it with every default")
     add("keys", cmd_keys, "create the run's CURVE keys in RUN_DIR/keys")
-    add("build-model", cmd_build_model, "build (or find) the embedded tiny model; print its path")
+    add("build-model", cmd_build_model, "build (or find) the task's embedded model; print its "
+        "path")
     add("allocator", cmd_allocator, "run the allocator service")
     p = add("actor", cmd_actor, "run one actor (vLLM engine)")
     p.add_argument("--index", type=int, default=0, help="actor index (seed offset, log name)")

@@ -28,11 +28,13 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     path: Path | None = Field(
-        None, description="local HF model directory; None builds the embedded tiny model")
+        None, description="local HF model directory; None builds the task's embedded model "
+        "(the math rehearsal's for task.kind = 'math-rehearsal', else the tiny arithmetic one)")
     cache_dir: Path = Field(
-        Path(".cache/models"), description="where the embedded model is built and reused")
-    warm_start_steps: int = Field(
-        600, ge=0, description="supervised steps of the embedded model's warm start")
+        Path(".cache/models"), description="where embedded models are built and reused")
+    warm_start_steps: int | None = Field(
+        None, ge=0, description="supervised steps of the embedded model's warm start (default: "
+        "its own, launch/embedded_model.py or launch/rehearsal_model.py)")
     seed: int = Field(0, description="seed of the embedded model's init and warm start")
 
     @model_validator(mode="after")

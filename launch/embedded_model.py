@@ -21,6 +21,7 @@ PAD, EOS, BOS = 0, 1, 2
 ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)  # head_dim 32: vLLM CPU supports it
 WARM_START = dict(lr=1e-3, batch=128, max_digits=4)
+WARM_START_STEPS = 600
 BUILD_VERSION = 1  # bump when the recipe changes, so caches are rebuilt
 
 
@@ -109,11 +110,13 @@ def warm_start(model, steps: int, seed: int, progress: bool = True) -> list[floa
     return losses
 
 
-def ensure_embedded_model(cache_dir: str | Path, steps: int = 600, seed: int = 0,
+def ensure_embedded_model(cache_dir: str | Path, steps: int | None = None, seed: int = 0,
                           progress: bool = True) -> Path:
-    """Path of the warm-started tiny model, building it if it is not cached yet."""
+    """Path of the warm-started tiny model (WARM_START_STEPS unless `steps`), building it if
+    it is not cached yet."""
     import torch
 
+    steps = WARM_START_STEPS if steps is None else steps
     out = Path(cache_dir) / f"tiny-arith-{model_key(steps, seed)}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out

@@ -183,6 +183,10 @@ def run_local(cfg: RunConfig, resume: str | None = None) -> int:
         print(f"[run] resuming {run_dir} from checkpoint {tag}", flush=True)
     path = model_path(cfg, progress=True)
     print(f"[run] model {path}", flush=True)
+    if cfg.task.kind == "math-rehearsal":
+        from tasks.math_rehearsal import rehearsal_files
+
+        print(f"[run] task files {' '.join(map(str, rehearsal_files(cfg.task)))}", flush=True)
     cfg_file = str(run_dir / "config.toml")
     py = [sys.executable, "-m", "launch.cli"]
     env = child_env()

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.config import TaskConfig
+
 GENERATOR_VERSION = 1  # bump when the problems change, so cached files are rewritten
 TRAIN_FILE, HELD_OUT_FILE = "dapo-math.parquet", "math500.jsonl"
 
@@ -190,6 +192,12 @@ def math500_rows(problems: list[WordProblem]) -> list[dict]:
              "subject": p.subject, "level": p.level,
              "unique_id": f"test/{p.subject.lower()}/{i}.json"}
             for i, p in enumerate(problems)]
+
+
+def rehearsal_files(task: TaskConfig) -> tuple[Path, Path]:
+    """(training parquet, held-out jsonl) of a `math-rehearsal` task, written if not there yet."""
+    return ensure_rehearsal_files(task.data_dir, task.seed, task.num_problems,
+                                  task.num_eval_problems)
 
 
 def ensure_rehearsal_files(data_dir: str | Path, seed: int, num_train: int,

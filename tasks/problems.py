@@ -158,10 +158,9 @@ def load_task(cfg: TaskConfig) -> tuple[list[Problem], list[Problem]]:
         return arithmetic_problems(cfg.seed, cfg.num_problems, cfg.num_eval_problems,
                                    cfg.max_digits)
     if cfg.kind == "math-rehearsal":  # generated, then read like any dataset file
-        from tasks.math_rehearsal import ensure_rehearsal_files
+        from tasks.math_rehearsal import rehearsal_files
 
-        train_path, held_out_path = ensure_rehearsal_files(
-            cfg.data_dir, cfg.seed, cfg.num_problems, cfg.num_eval_problems)
+        train_path, held_out_path = rehearsal_files(cfg)
         return load_problem_file(train_path), load_problem_file(held_out_path)
     fields = dict(id_field=cfg.id_field, prompt_field=cfg.prompt_field,
                   answer_field=cfg.answer_field)  # None: detected per file
