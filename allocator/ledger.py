@@ -14,17 +14,19 @@ Invariants:
   the work of a dead, stopped or lying actor is re-issued, never lost.
 - `formed` holds every grant id this ledger (and the snapshots it was restored from) ever
   created, `completed` every grant id completed: the allocator's side of `dynamo-rl audit`.
-  A round is formed only after the previous state is durable and its ids are snapshotted by
-  the service before any of them is sent (see service.py), so a restored ledger's `formed`
-  covers every id an actor may hold.
+  The service snapshots a newly formed round before sending any of its grants (service.py),
+  so a restored ledger's `formed` covers every id an actor may hold.
 - Learner progress: the learner's consumed count never goes backwards and its version never
   exceeds what its consumed count allows (updates_per_batch per prompts_per_step groups),
   except that a new learner `session` (a restarted learner) may restart from a smaller count;
   anything else is refused and counted (`progress_refused_*`) and changes nothing.
-- Pacing: groups issued but not yet consumed by the learner never exceed
-  max(max_staleness // U, 1) x prompts_per_step, where U = updates_per_batch is the number
-  of optimizer updates (policy versions) one batch of prompts_per_step groups can take; so in
-  steady state no group arrives at the learner more than max_staleness versions old.
+- Pacing: groups issued but not yet consumed by the learner never exceed a window of
+  W = max(max_staleness // U, 1) batches of prompts_per_step groups, where U =
+  updates_per_batch is the number of optimizer updates (policy versions) one batch can take.
+  With W = 1 (max_staleness < 2U: the default and paper configs) the learner's next batch is
+  exactly the work outstanding, generated with weights at most U versions old, so in steady
+  state nothing is dropped. With W >= 2 a group that finishes after groups issued a batch
+  later can arrive more than max_staleness versions old; the learner drops and counts it.
 - Budgets of a round are computed from the statistics at the moment the round is formed.
 """
 

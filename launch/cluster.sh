@@ -72,7 +72,10 @@ on every node. Across nodes, the allocator binds 0.0.0.0 on the head, learner ra
 0.0.0.0 on its node, and the others connect to those hosts by the names given here.
 
 The run's CURVE keys are created once in RUN_DIR/keys on the head node and copied with
-`scp -p` (owner-only files) into RUN_DIR/keys on the other nodes. Put RUN_DIR on a
+`scp -p` (owner-only files) into RUN_DIR/keys on the other nodes: every role's public key,
+and the secrets of the roles a node runs only (learner nodes: the learner's key and the grant
+MAC secret; actor nodes: the actor key), so an actor node cannot speak as the learner. With
+--shared-run-dir every host reads the head's key directory. Put RUN_DIR on a
 filesystem shared by the nodes for multi-node checkpoints and --resume. Each process logs
 to RUN_DIR/logs/NAME.log on this machine; the learner writes RUN_DIR/metrics.jsonl on its
 first node. The script exits with the learner's status; Ctrl-C stops the run (learner
@@ -282,6 +285,16 @@ on() {  # HOST SHELL_COMMAND -> the line that runs SHELL_COMMAND in REPO on HOST
         echo "${remote_cmd//\{host\}/$(q "$1")} $(q "cd $(q "$REPO") && $2")"
     else echo "$remote_cmd $(q "$1" "cd $(q "$REPO") && $2")"; fi
 }
+role_secrets() {  # HOST -> the secret key files of the roles HOST runs (never another's)
+    local j out=()
+    for j in "${learner_ix[@]}"; do
+        [[ ${hosts[$j]} == "$1" ]] && { out+=(learner.key_secret grant.secret); break; }
+    done
+    for j in "${actor_ix[@]}"; do
+        [[ ${hosts[$j]} == "$1" ]] && { out+=(actor.key_secret); break; }
+    done
+    echo "${out[*]}"
+}
 run() {  # LINE: print it, or run it in the foreground
     if ((dry)); then echo "$1"; else bash -c "$1"; fi
 }
@@ -372,13 +385,16 @@ if ((curve)); then
         is_local "$head_host" || src=$head_host:$src
         is_local "$host" || dst=$host:$dst
         is_local "$head_host" || is_local "$host" || three=(-3)
-        if is_local "$head_host"; then src_words="$(q "$src")/*"; else src_words=$(q "$src/*"); fi
+        src_words=""  # every public key, and the secrets of the roles this host runs only
+        for f in allocator.key learner.key actor.key $(role_secrets "$host"); do
+            src_words+=" $(q "$src/$f")"
+        done
         prepare="$(q rm -rf "$incoming") && $(q mkdir -p "$run_dir")"
         prepare+=" && $(q mkdir -m 700 "$incoming")"
         install="$(q mkdir -p -m 700 "$run_dir/keys") && mv -f $(q "$incoming")/*"
         install+=" $(q "$run_dir/keys/") && $(q rmdir "$incoming")"
         { run "$(on "$host" "$prepare")" &&
-          run "$(q scp -pq "${three[@]}" -o BatchMode=yes) $src_words $(q "$dst")" &&
+          run "$(q scp -pq "${three[@]}" -o BatchMode=yes)$src_words $(q "$dst")" &&
           run "$(on "$host" "$install")"
         } || die "copying the run keys to $host failed"
     done

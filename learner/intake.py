@@ -12,7 +12,8 @@ Guarantees:
   learner's progress) and listed in `pending()` until consumed.
 - A group is trained on at most once (duplicates by grant id are dropped and counted), and
   a group whose oldest token is more than `max_staleness` versions behind is dropped and
-  counted with the reason; nothing else is ever dropped.
+  counted with the reason; nothing else is ever dropped. Each batch takes the stalest groups
+  received so far, so a group that finished after later ones is not left to go stale.
 - Back-pressure: when the trainer falls behind, the queue fills, the thread stops reading,
   ZeroMQ's high-water marks fill, and actors stop sending (and stop asking for work), so the
   memory of every process stays bounded.
@@ -88,7 +89,8 @@ class Intake:
         self._lock = threading.Lock()  # receipts and pending, shared with the intake thread
         self._receipts: list[int] = []
         self._pending: Counter[int] = Counter()
-        self._partial: list[RolloutGroup] = []
+        self._partial: list[RolloutGroup] = []  # taken before a stop, for the next take
+        self._backlog: list[RolloutGroup] = []  # queued, not yet taken
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout-intake", daemon=True)
         self._thread.start()
@@ -163,36 +165,61 @@ class Intake:
 
     def take(self, n: int, version: int, max_staleness: int, on_wait=None,
              stop: threading.Event | None = None) -> list[RolloutGroup] | None:
-        """The next n usable groups (blocking), dropping duplicates and over-stale groups.
+        """The next n usable groups (blocking), the stalest first, dropping duplicates and
+        over-stale groups.
 
-        Returns None if `stop` is set first (the groups taken so far go back to the queue
-        front is not possible with a FIFO, so they are kept for the next call)."""
+        Every group queued so far is a candidate, not just the earliest arrivals: groups
+        finish out of order (an actor batches several), and one overtaken by later groups
+        would otherwise wait in the queue until it is stale. Returns None if `stop` is set
+        first (the groups taken so far are kept for the next call)."""
         out = self._partial
         while len(out) < n:
             if stop is not None and stop.is_set():
                 return None
-            try:
-                g = self.queue.get(timeout=1.0)
-            except queue.Empty:
-                if on_wait is not None:
-                    on_wait()
-                continue
-            if g.grant_id in self.seen:
+            if not self._backlog:
+                try:
+                    self._backlog.append(self.queue.get(timeout=1.0))
+                except queue.Empty:
+                    if on_wait is not None:
+                        on_wait()
+                    continue
+            while True:  # everything queued by now (bounded by the allocator's window)
+                try:
+                    self._backlog.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            fresh = self._usable(self._backlog, version, max_staleness)
+            fresh.sort(key=lambda g: g.oldest_version if g.num_tokens else version)  # stable
+            taken, self._backlog = fresh[:n - len(out)], fresh[n - len(out):]
+            for g in taken:
+                self.seen.add(g.grant_id)
+            self.counters["consumed"] += len(taken)
+            out.extend(taken)
+        self._partial = []
+        return out
+
+    def _usable(self, groups: list[RolloutGroup], version: int, max_staleness: int
+                ) -> list[RolloutGroup]:
+        """The groups that are neither duplicates nor over-stale (those are dropped and
+        counted here)."""
+        out, ids = [], set()
+        for g in groups:
+            if g.grant_id in self.seen or g.grant_id in ids:
                 self.counters["dropped_duplicate"] += 1
                 self._consumed(g.grant_id)
                 continue
-            self.seen.add(g.grant_id)
-            self.counters["consumed"] += 1
             oldest = g.oldest_version
             if oldest is not None and version - oldest > max_staleness:
+                self.seen.add(g.grant_id)
+                self.counters["consumed"] += 1
                 self.counters["dropped_stale"] += 1
                 self.record.add_dropped("stale", g.grant_id)
                 self._consumed(g.grant_id)
                 log.info("dropped group %d from %s: oldest token v%d, learner v%d, bound %d",
                          g.grant_id, g.actor_id, oldest, version, max_staleness)
                 continue
+            ids.add(g.grant_id)
             out.append(g)
-        self._partial = []
         return out
 
     def trained(self, groups: list[RolloutGroup]) -> None:

@@ -25,6 +25,14 @@ OPTIONS = ["--config", "--hostfile", "--learner-nodes", "--actor-nodes", "--gpus
            "--shared-run-dir"]
 
 
+
+def key_files(run_dir: str, role: str) -> str:
+    """The key files cluster.sh copies to a node running `role`, as scp source words."""
+    secrets = {"learner": ["learner.key_secret", "grant.secret"],
+               "actor": ["actor.key_secret"]}[role]
+    return " ".join(f"{run_dir}/keys/{f}" for f in
+                    ["allocator.key", "learner.key", "actor.key", *secrets])
+
 def launch(*args: str, env: dict[str, str] | None = None,
            timeout: float = 60) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -91,8 +99,11 @@ def test_slurm_dry_run_places_roles_and_passes_overrides(tmp_path):
     [keys] = process_lines(out, "keys")
     assert node(keys) == "node1"
     copies = [line for line in out.splitlines() if line.startswith("scp ")]
-    assert copies == [f"scp -pq -3 -o BatchMode=yes 'node1:{run_dir}/keys/*' "
-                      f"{n}:{run_dir}/.keys.incoming/" for n in ("node2", "node3", "node4")]
+    # Each node gets every public key and the secrets of its own roles only.
+    assert copies == [f"scp -pq -3 -o BatchMode=yes {key_files(f'node1:{run_dir}', role)} "
+                      f"{n}:{run_dir}/.keys.incoming/"
+                      for n, role in (("node2", "learner"), ("node3", "learner"),
+                                      ("node4", "actor"))]
     # Every process gets the run dir and the passthrough overrides.
     for line in [alloc, *learners, *actors, keys]:
         assert (f"--run_dir {run_dir} --learner.lr 1e-6 --preset grpo "
@@ -144,8 +155,9 @@ def test_host_file_dry_run_uses_ssh_slots_and_runs_this_machine_locally(tmp_path
     [keys] = process_lines(out, "keys")
     assert not keys.startswith("ssh")
     assert [line for line in out.splitlines() if line.startswith("scp ")] == \
-        [f"scp -pq -o BatchMode=yes {run_dir}/keys/* {h}:{run_dir}/.keys.incoming/"
-         for h in ("h1", "h2", "h3")]
+        [f"scp -pq -o BatchMode=yes {key_files(str(run_dir), role)} "
+         f"{h}:{run_dir}/.keys.incoming/"
+         for h, role in (("h1", "learner"), ("h2", "actor"), ("h3", "actor"))]
 
 
 @pytest.mark.parametrize("hosts, args, message", [

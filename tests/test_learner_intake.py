@@ -102,3 +102,17 @@ def test_intake_takes_groups_only_from_actor_keys_and_acknowledges_only_those(tm
     finally:
         intake.close()
         ctx.destroy(linger=0)
+
+
+def test_each_batch_takes_the_stalest_groups_first(tmp_path) -> None:
+    """Queued in the order v2, v2, v0: FIFO would train the v2 groups at version 2 and then
+    find the v0 group three versions old; stalest-first trains it in time."""
+    intake = Intake("tcp://127.0.0.1:*", capacity=16, bounds=BOUNDS)
+    try:
+        for gid, v in ((1, 2), (2, 2), (3, 0)):
+            intake.queue.put(group(gid, token_versions=np.full(3, v, np.int32)))
+        assert sorted(g.grant_id for g in intake.take(2, version=2, max_staleness=2)) == [1, 3]
+        assert [g.grant_id for g in intake.take(1, version=3, max_staleness=2)] == [2]
+        assert intake.counters["dropped_stale"] == 0 and intake.counters["consumed"] == 3
+    finally:
+        intake.close()

@@ -16,6 +16,7 @@ from conftest import REPO, make_config
 
 from telemetry import spans
 from telemetry.merge import chrome_trace, read_jsonl, read_traces
+from telemetry.report import verdict
 
 STEPS = 4
 SPAN_BUDGET_NS = 20_000  # far above what it costs (~1 µs); a shared CI core can be slow
@@ -202,11 +203,23 @@ def test_report_agrees_with_the_metrics_it_was_built_from(profiled):
     actor = summary["actors"]["actor0"]
     assert actor["gen_tokens_per_s"] > 0 and 0 <= actor["idle_frac"] <= 1
     assert summary["weight_sync"]["n"] >= 1 and summary["weight_sync"]["mean_s"] > 0
-    assert summary["verdict"]["bound"] in {"generation-bound", "training-bound", "balanced",
-                                           "latency-bound"}
+    # The verdict is the one the window's own idle shares give, and it shows them.
+    li, ai = learner["idle_frac"], summary["actor_idle_frac_mean"]
+    assert summary["verdict"] == verdict(learner, ai)
+    assert f"learner idle {li:.0%} waiting for batches while actors idle {ai:.0%}" in \
+        summary["verdict"]["evidence"]
     assert f"{summary['throughput']['train_tokens_per_s']:.1f}" in table
     assert f"verdict: {summary['verdict']['evidence']}" in table
     assert "[run] step    4/4" in run_out and "ETA" in run_out
+
+
+@pytest.mark.parametrize(("learner_idle", "actor_idle", "bound"), [
+    (0.6, 0.1, "generation-bound"), (0.1, 0.6, "training-bound"), (0.1, 0.2, "balanced"),
+    (0.5, 0.45, "latency-bound")])
+def test_verdict_names_the_side_the_run_waits_on(learner_idle, actor_idle, bound):
+    learner = {"idle_frac": learner_idle,
+               "time_share": {"wait_batch": learner_idle, "fwd_bwd": 0.3, "other": 0.01}}
+    assert verdict(learner, actor_idle)["bound"] == bound
 
 
 def test_profile_draws_non_trivial_figures(profiled):
