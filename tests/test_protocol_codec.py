@@ -384,6 +384,9 @@ def test_truncated_array_frame_is_malformed() -> None:
     assert "31 bytes" in str(err)
 
 
+V = PROTOCOL_VERSION  # headers right in version, wrong in shape
+
+
 @pytest.mark.parametrize("header", [
     b"",
     b"\xc1",  # never-used msgpack byte
@@ -394,11 +397,11 @@ def test_truncated_array_frame_is_malformed() -> None:
     b"\xc6\x7f\xff\xff\xff",  # bin declaring 2 GiB
     b"\x91" * 100_000,  # nested 100k deep
     b"\x81\xa1v\xc7\x01\x05\x00",  # ext type in the version slot
-    msgpack.packb({"v": 1, "t": "WorkRequest", "f": {}, "a": []}) + b"\x00",  # trailing bytes
+    msgpack.packb({"v": V, "t": "WorkRequest", "f": {}, "a": []}) + b"\x00",  # trailing bytes
     msgpack.packb({"t": "WorkRequest", "f": {}, "a": []}),  # no version
-    msgpack.packb({"v": 1, "t": "WorkRequest", "f": {}, "a": [], "x": 0}),  # extra key
-    msgpack.packb({"v": 1, "t": "WorkRequest", "f": [], "a": []}),
-    msgpack.packb({"v": 1, "t": "WeightChunk", "f": {"version": 1, "index": 0, "crc32c": 0},
+    msgpack.packb({"v": V, "t": "WorkRequest", "f": {}, "a": [], "x": 0}),  # extra key
+    msgpack.packb({"v": V, "t": "WorkRequest", "f": [], "a": []}),
+    msgpack.packb({"v": V, "t": "WeightChunk", "f": {"version": 1, "index": 0, "crc32c": 0},
                    "a": [["data", "bytes", [3]], ["data", "bytes", [3]]]}),
     msgpack.packb({1: 2}),  # int map key
     b"\x81\xa1v\xa3\xff\xfe\xfd",  # invalid UTF-8
