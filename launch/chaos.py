@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 from launch.audit import audit
-from launch.cli import ensure_run_keys, model_path, split_overrides
 from launch.config import dump_config, load_config
 from launch.local import Child, child_env, shutdown
+from launch.runtime import ensure_run_keys, model_path, split_overrides
 
 FAULTS = ("kill_actor", "partition_actor", "restart_allocator", "resume_learner",
           "stall_learner")

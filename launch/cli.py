@@ -3,49 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
 from launch.config import ConfigError, RunConfig, dump_config, load_config
-
-
-def setup_logging(role: str) -> None:
-    logging.basicConfig(level=os.environ.get("DYNAMO_LOG_LEVEL", "INFO"),
-                        format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-
-
-def model_path(cfg: RunConfig, progress: bool = True) -> str:
-    """The configured model directory, or the task's embedded model (built if not cached)."""
-    if cfg.model.path is not None:
-        return str(cfg.model.path)
-    if cfg.task.kind == "math-rehearsal":
-        from launch.rehearsal_model import ensure_rehearsal_model as ensure
-    else:
-        from launch.embedded_model import ensure_embedded_model as ensure
-    return str(ensure(cfg.model.cache_dir, cfg.model.warm_start_steps, cfg.model.seed,
-                      progress=progress))
-
-
-def run_keys(cfg: RunConfig, role: str):
-    """This process's role keys (protocol.auth.RunKeys), or None without CURVE."""
-    if not cfg.network.curve:
-        return None
-    from protocol.auth import RunKeys
-
-    key_dir = cfg.run_dir / "keys"
-    if not (key_dir / f"{role}.key").is_file():
-        raise ConfigError(f"network.curve is on but {key_dir} holds no {role} key: run "
-                          f"`dynamo-rl keys {cfg.run_dir}` (the launcher does it for you)")
-    return RunKeys.load(key_dir, role)
-
-
-def ensure_run_keys(run_dir: Path) -> None:
-    from protocol.auth import generate_run_keys
-
-    generate_run_keys(run_dir / "keys")
+from launch.runtime import (
+    ensure_run_keys,
+    model_path,
+    run_keys,
+    setup_logging,
+    split_overrides,
+)
 
 
 def cmd_check_config(cfg: RunConfig, args: argparse.Namespace) -> int:
@@ -161,26 +130,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return 2
     profile_run(run_dir, window_s=args.window)
     return 0
-
-
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Separate config overrides (`--section.field VALUE`, `--preset X`) from CLI options."""
-    # Whole sections (`--model DIR` is eval's option) are not scalar overrides.
-    top = set(RunConfig.model_fields) - {"task", "model", "allocator", "actor", "learner",
-                                         "network"}
-    own, overrides = [], []
-    i = 0
-    while i < len(argv):
-        a = argv[i]
-        name = a[2:].partition("=")[0].replace("-", "_")
-        if a.startswith("--") and ("." in name or name in top):
-            take = 1 if "=" in a else 2
-            overrides.extend(argv[i:i + take])
-            i += take
-        else:
-            own.append(a)
-            i += 1
-    return own, overrides
 
 
 def main(argv: list[str] | None = None) -> int:

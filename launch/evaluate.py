@@ -234,7 +234,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
-    from launch.cli import model_path, setup_logging
+    from launch.runtime import model_path, setup_logging
 
     setup_logging("eval")
     if args.k < 1:
@@ -404,7 +404,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m launch.evaluate [CONFIG] --model M --bench ... [--section.field VALUE ...]`."""
-    from launch.cli import split_overrides
+    from launch.runtime import split_overrides
 
     parser = argparse.ArgumentParser(prog="dynamo-rl eval", description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", help="run config TOML (default: built-in defaults)")

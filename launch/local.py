@@ -164,7 +164,7 @@ def _free_port() -> int:
 
 
 def run_local(cfg: RunConfig, resume: str | None = None) -> int:
-    from launch.cli import ensure_run_keys, model_path
+    from launch.runtime import ensure_run_keys, model_path
 
     run_dir = cfg.run_dir
     if resume is None and (run_dir / "checkpoints" / "LATEST").exists():

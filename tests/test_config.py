@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launch.cli import split_overrides
 from launch.config import ConfigError, RunConfig, dump_config, load_config, parse_overrides
+from launch.runtime import split_overrides
 
 
 def write(tmp_path: Path, text: str, name: str = "run.toml") -> Path:

@@ -21,7 +21,7 @@ import pytest
 from conftest import Proc, make_config, wait_for
 
 from launch.audit import audit
-from launch.cli import ensure_run_keys
+from launch.runtime import ensure_run_keys
 
 
 def metrics(run_dir: Path) -> list[dict]:

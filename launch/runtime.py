@@ -1,0 +1,69 @@
+"""What every entry point shares (the CLI, the local launcher, evaluation, chaos runs):
+logging, the model directory (building an embedded model if needed), the run's keys, and
+telling config overrides from a command's own options."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from launch.config import ConfigError, RunConfig
+
+
+def setup_logging(role: str) -> None:
+    logging.basicConfig(level=os.environ.get("DYNAMO_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+
+
+def model_path(cfg: RunConfig, progress: bool = True) -> str:
+    """The configured model directory, or the task's embedded model (built if not cached)."""
+    if cfg.model.path is not None:
+        return str(cfg.model.path)
+    if cfg.task.kind == "math-rehearsal":
+        from launch.rehearsal_model import ensure_rehearsal_model as ensure
+    else:
+        from launch.embedded_model import ensure_embedded_model as ensure
+    return str(ensure(cfg.model.cache_dir, cfg.model.warm_start_steps, cfg.model.seed,
+                      progress=progress))
+
+
+def run_keys(cfg: RunConfig, role: str):
+    """This process's role keys (protocol.auth.RunKeys), or None without CURVE."""
+    if not cfg.network.curve:
+        return None
+    from protocol.auth import RunKeys
+
+    key_dir = cfg.run_dir / "keys"
+    if not (key_dir / f"{role}.key").is_file():
+        raise ConfigError(f"network.curve is on but {key_dir} holds no {role} key: run "
+                          f"`dynamo-rl keys {cfg.run_dir}` (the launcher does it for you)")
+    return RunKeys.load(key_dir, role)
+
+
+def ensure_run_keys(run_dir: Path) -> None:
+    from protocol.auth import generate_run_keys
+
+    generate_run_keys(run_dir / "keys")
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate config overrides (`--section.field VALUE`, `--preset X`) from CLI options."""
+    # Whole sections (`--model DIR` is eval's option) are not scalar overrides.
+    top = set(RunConfig.model_fields) - {"task", "model", "allocator", "actor", "learner",
+                                         "network"}
+    own, overrides = [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name = a[2:].partition("=")[0].replace("-", "_")
+        if a.startswith("--") and ("." in name or name in top):
+            take = 1 if "=" in a else 2
+            overrides.extend(argv[i:i + take])
+            i += take
+        else:
+            own.append(a)
+            i += 1
+    return own, overrides
