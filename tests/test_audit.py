@@ -79,7 +79,8 @@ def finished_run(run_dir: Path, *, trained: int = 12, stale: int = 1, pending: i
 def save(run_dir: Path, led: Ledger, rec: GrantRecord, pending: list[int]) -> None:
     run_dir.mkdir(exist_ok=True)
     write_snapshot(led, run_dir)
-    rec.write(run_dir, pending=pending, counters={"dropped_stale": len(rec.dropped)})
+    rec.write(run_dir, pending=pending,
+              counters={"dropped_stale": len(rec.dropped.get("stale", IdSet()))})
 
 
 def test_a_clean_run_passes_the_audit(tmp_path) -> None:
