@@ -13,61 +13,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import zmq
+from launch.config import load_config
+from launch.embedded_model import ensure_embedded_model
 
 # Run as a script, this file's folder would shadow the `allocator` package with
 # bench/allocator.py: put the repository root first instead.
-_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [str(_ROOT), str(_ROOT / "tests")] + [
-    p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
-from conftest import Proc, make_config  # noqa: E402
-
-from launch.config import load_config  # noqa: E402
-from launch.embedded_model import ensure_embedded_model  # noqa: E402
-from protocol.messages import LearnerProgress  # noqa: E402
-from protocol.sockets import open_socket, recv, send  # noqa: E402
+from launch.harness import LearnerStandIn, Proc, make_config, wait_for
 
 
 def end_to_end(cfg_path: Path, warmup_s: float, window_s: float):
-    cfg = load_config(cfg_path)
-    net = cfg.network
-    ctx = zmq.Context()
-    pull = open_socket(ctx, zmq.PULL, f"tcp://127.0.0.1:{net.rollout_port}", bind=True)
-    wsock = open_socket(ctx, zmq.ROUTER, f"tcp://127.0.0.1:{net.weights_port}", bind=True)
-    alloc_sock = open_socket(ctx, zmq.DEALER, f"tcp://127.0.0.1:{net.allocator_port}",
-                             bind=False)
+    """Generated tokens/s of a real actor fed by the real allocator, everything it sends
+    consumed at once (no learner pacing), over `window_s` after `warmup_s`."""
+    learner = LearnerStandIn(load_config(cfg_path), gate=None)
     procs = [Proc("allocator", cfg_path), Proc("actor", cfg_path, "--index", "0")]
-    groups, received = [], 0
-    t_first = None
-    last_progress = 0.0
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if pull.poll(50):
-                g = recv(pull)
-                received += 1
-                now = time.monotonic()
-                if t_first is None:
-                    t_first = now
-                if now - t_first >= warmup_s:
-                    groups.append((now, g))
-                if now - t_first >= warmup_s + window_s:
-                    break
-            if time.monotonic() - last_progress > 0.1:  # unpaced: consume instantly
-                send(alloc_sock, LearnerProgress(version=0, consumed_groups=received,
-                                                 consumed_samples=0, dropped_stale=0))
-                last_progress = time.monotonic()
+        wait_for(lambda: learner.received() > 0, 300, "the first group")
+        t_first = learner.timed()[0][0]
+        wait_for(lambda: time.monotonic() - t_first >= warmup_s + window_s, 600,
+                 "the measuring window", interval=0.5)
+        groups = [(t, g) for t, g in learner.timed() if t - t_first >= warmup_s]
     finally:
         for p in procs:
             p.stop()
-        for s in (pull, wsock, alloc_sock):
-            s.close(linger=0)
-        ctx.term()
+        learner.close()
     span = groups[-1][0] - groups[0][0]
     tokens = sum(g.num_tokens for _, g in groups[1:])
     return tokens / span, [(g.prompt_token_ids.tolist(), g.n) for _, g in groups], \

@@ -7,15 +7,10 @@
 
 Prints a table, then one JSON line; the JSON reports the slower of decay on/off.
 
-    python bench/allocator.py [--problems 1000000 --repeats 7]
+    python bench/allocator_service.py [--problems 1000000 --repeats 7]
 """
 
 from __future__ import annotations
-
-import sys
-
-if not __package__:  # run as a file: this folder heads sys.path and would shadow `allocator`
-    sys.path.pop(0)
 
 import argparse
 import json

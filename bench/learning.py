@@ -22,13 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from launch.embedded_model import ensure_embedded_model
+from launch.harness import make_config
+
 _ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [str(_ROOT), str(_ROOT / "tests")] + [
-    p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
-
-from conftest import make_config  # noqa: E402
-
-from launch.embedded_model import ensure_embedded_model  # noqa: E402
 
 PRESETS = ("grpo", "alloc-only", "modulation-only", "dynamo")
 

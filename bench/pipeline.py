@@ -16,13 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from launch.embedded_model import ensure_embedded_model
+from launch.harness import make_config
+
 _ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [str(_ROOT), str(_ROOT / "tests")] + [
-    p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
-
-from conftest import make_config  # noqa: E402
-
-from launch.embedded_model import ensure_embedded_model  # noqa: E402
 
 TRAIN_KEYS = ("time/prepare", "time/recompute", "time/fwd_bwd", "time/optimizer",
               "time/publish")

@@ -21,24 +21,18 @@ import multiprocessing as mp
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+import zmq
+
+from launch.config import load_config
+from launch.embedded_model import build_sized_model, ensure_embedded_model
+from launch.harness import LearnerStandIn, Proc, make_config, wait_for
+
 _ROOT = Path(__file__).resolve().parents[1]
-sys.path[:] = [str(_ROOT), str(_ROOT / "tests")] + [
-    p for p in sys.path if Path(p or ".").resolve() != _ROOT / "bench"]
-
-import torch  # noqa: E402
-import zmq  # noqa: E402
-from conftest import Proc, make_config, wait_for  # noqa: E402
-
-from launch.config import load_config  # noqa: E402
-from launch.embedded_model import build_sized_model, ensure_embedded_model  # noqa: E402
-from protocol.messages import LearnerProgress  # noqa: E402
-from protocol.sockets import SocketOptions, open_socket, recv, send  # noqa: E402
-from protocol.weights import WeightPublisher  # noqa: E402
 
 WARM = 2  # versions published before timing
 APPLIED = re.compile(r"applied weights v(\d+) in ([0-9.]+)s at ([0-9.]+)")
@@ -102,13 +96,9 @@ def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path,
                            actor={"kv_cache_gib": 0.25, "max_batch_grants": 4,
                                   "prefetch_grants": 8})
     cfg = load_config(cfg_path)
-    net = cfg.network
-    ctx = zmq.Context()
-    pull = open_socket(ctx, zmq.PULL, f"tcp://127.0.0.1:{net.rollout_port}", bind=True)
-    wsock = open_socket(ctx, zmq.ROUTER, f"tcp://127.0.0.1:{net.weights_port}", bind=True,
-                        options=SocketOptions(sndhwm=256))
-    asock = open_socket(ctx, zmq.DEALER, f"tcp://127.0.0.1:{net.allocator_port}", bind=False)
-    pub = WeightPublisher(wsock)
+    # busy: every group is consumed at once (the allocator keeps feeding the actors)
+    learner = LearnerStandIn(cfg, gate=None)
+    pub = learner.publisher
     # One actor per core, as the launcher places actors on a GPU machine (one per device):
     # unbound, each actor's vLLM runs OpenMP threads on every core and they spin on each other.
     cores = sorted(os.sched_getaffinity(0))
@@ -121,20 +111,8 @@ def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path,
 
     weights = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     named = [(n, p.detach()) for n, p in weights.named_parameters()]
-    received = [0]
-
-    def drain(until: float) -> None:
-        while time.monotonic() < until:
-            if pull.poll(10):
-                recv(pull)
-                received[0] += 1
-            if busy:
-                try:
-                    send(asock, LearnerProgress(version=0, consumed_groups=received[0],
-                                                consumed_samples=0, dropped_stale=0),
-                         zmq.NOBLOCK)
-                except zmq.Again:  # no allocator connected right now: re-sent next time
-                    pass
+    def drain(until: float) -> None:  # the stand-in's thread drains the rollouts
+        time.sleep(max(0.0, until - time.monotonic()))
 
     def logged(pattern: re.Pattern, v: int) -> list[tuple[float, float]] | None:
         """(time, seconds) of every actor's first `pattern` line for version v."""
@@ -150,8 +128,7 @@ def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path,
     lat, pack, apply_s, recv_at, nbytes = [], [], [], [], 0
     try:
         if busy:
-            wait_for(lambda: (drain(time.monotonic() + 0.5), received[0] > 4 * actors)[1], 300,
-                     "actors generating")
+            wait_for(lambda: learner.received() > 4 * actors, 300, "actors generating")
             drain(time.monotonic() + 2.0)  # steady state
         else:
             wait_for(lambda: len(pub.peers) == actors, 300, "actors subscribed to weights")
@@ -167,12 +144,9 @@ def sync_latency(model: Path, actors: int, versions: int, chunk: int, tmp: Path,
             apply_s.extend(a for _, a in ts)
             drain(time.monotonic() + 0.5)
     finally:
-        pub.close()
         for p in procs:
             p.stop()
-        for s in (pull, wsock, asock):
-            s.close(linger=0)
-        ctx.term()
+        learner.close()
     # Steady state: the first `WARM` versions allocate the buffers later versions recycle
     # (on both sides), as in a long run; they are left out.
     return {"latency": lat[WARM:], "pack": pack[WARM:], "received": recv_at[WARM:],

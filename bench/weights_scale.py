@@ -151,5 +151,4 @@ def _bits(rate: str) -> float:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -10,87 +10,23 @@ import json
 import os
 import pickle
 import signal
-import threading
 import time
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-import zmq
 from conftest import Proc, make_config, wait_for
 
 from launch.config import load_config
+from launch.harness import LearnerStandIn
 from protocol.idset import IdSet
-from protocol.messages import LearnerProgress, RolloutGroup
-from protocol.sockets import SocketOptions, open_socket, recv, send
-from protocol.weights import WeightPublisher
+from protocol.messages import RolloutGroup
 from tasks.problems import load_task
 from tasks.scoring import Verifier
 
 B, N_MEAN, N_MIN, N_MAX = 8, 12, 4, 24
 TEMPERATURE = 0.8
-
-
-class Receiver:
-    """The learner's side of the wire: PULL rollouts, publish weights, report progress."""
-
-    def __init__(self, cfg) -> None:
-        net = cfg.network
-        self.ctx = zmq.Context()
-        self.pull = open_socket(self.ctx, zmq.PULL, f"tcp://127.0.0.1:{net.rollout_port}",
-                                bind=True)
-        self.wsock = open_socket(self.ctx, zmq.ROUTER, f"tcp://127.0.0.1:{net.weights_port}",
-                                 bind=True, options=SocketOptions(sndhwm=256))
-        self.alloc = open_socket(self.ctx, zmq.DEALER, f"tcp://127.0.0.1:{net.allocator_port}",
-                                 bind=False)
-        self.publisher = WeightPublisher(self.wsock)
-        self.groups: list[tuple[float, RolloutGroup]] = []
-        self.version = 0
-        self.gate: int | None = 0  # consumption reported to the allocator is capped here
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        last = 0.0
-        receipts: list[int] = []
-        while not self.stop.is_set():
-            if self.pull.poll(50):
-                g = recv(self.pull)
-                receipts.append(g.grant_id)
-                with self.lock:
-                    self.groups.append((time.monotonic(), g))
-            if time.monotonic() - last > 0.2:
-                with self.lock:
-                    n = len(self.groups)
-                if self.gate is not None:
-                    n = min(n, self.gate)
-                try:  # never block: with no allocator connected (teardown) it would hang
-                    send(self.alloc, LearnerProgress(version=self.version, consumed_groups=n,
-                                                     consumed_samples=0, dropped_stale=0,
-                                                     received=receipts), zmq.NOBLOCK)
-                    receipts = []
-                except zmq.Again:
-                    pass  # re-sent 0.2 s later anyway
-                last = time.monotonic()
-
-    def snapshot(self) -> list[RolloutGroup]:
-        with self.lock:
-            return [g for _, g in self.groups]
-
-    def wait_groups(self, n: int, timeout: float = 120) -> list[RolloutGroup]:
-        wait_for(lambda: len(self.snapshot()) >= n, timeout, f"{n} groups")
-        return self.snapshot()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join()
-        self.publisher.close()
-        for s in (self.pull, self.wsock, self.alloc):
-            s.close(linger=0)
-        self.ctx.term()
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +42,7 @@ def stack(tiny_model, tmp_path_factory):
                "heartbeat_s": 0.5},
         learner={"prompts_per_step": B}, network={"curve": False})
     cfg = load_config(cfg_path)
-    receiver = Receiver(cfg)
+    receiver = LearnerStandIn(cfg, gate=0)
     alloc = Proc("allocator", cfg_path)
     actors = [Proc("actor", cfg_path, "--index", str(i)) for i in range(2)]
     yield {"cfg": cfg, "receiver": receiver, "alloc": alloc, "actors": actors,
