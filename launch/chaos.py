@@ -22,25 +22,15 @@ import random
 import signal
 import sys
 import time
-from pathlib import Path
 
 from launch.audit import audit
 from launch.config import dump_config, load_config
+from launch.harness import rss
 from launch.local import Child, child_env, shutdown
 from launch.runtime import ensure_run_keys, model_path, split_overrides
 
 FAULTS = ("kill_actor", "partition_actor", "restart_allocator", "resume_learner",
           "stall_learner")
-
-
-def rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) << 10
-    except OSError:
-        pass
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,17 @@ class Proc:
         return self.log.read_text(errors="replace")
 
 
+def rss(pid: int) -> int:
+    """Resident memory of a live process in bytes (0 once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return 0
+
+
 def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
     """The first truthy value of pred(), polled until `timeout` seconds passed."""
     deadline = time.monotonic() + timeout

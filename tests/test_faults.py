@@ -21,6 +21,7 @@ import pytest
 from conftest import Proc, make_config, wait_for
 
 from launch.audit import audit
+from launch.harness import rss
 from launch.runtime import ensure_run_keys
 
 
@@ -37,13 +38,6 @@ def last_step(run_dir: Path) -> int:
 
 def status(run_dir: Path) -> dict:
     return json.loads((run_dir / "allocator_status.json").read_text())
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) << 10
-    return 0
 
 
 class Stack:
