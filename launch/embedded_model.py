@@ -90,14 +90,15 @@ def supervised_batch(rng: np.random.Generator, batch: int, max_digits: int):
 
 def warm_start(model, steps: int, seed: int, progress: bool = True) -> list[float]:
     import torch
-    from tqdm import tqdm
+
+    from launch.progress import Progress
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=WARM_START["lr"])
     losses = []
     model.train()
-    bar = tqdm(range(steps), desc="warm start", disable=not progress, unit="step")
+    bar = Progress(steps, "warm start", enabled=progress)
     for _ in bar:
         ids, labels = supervised_batch(rng, WARM_START["batch"], WARM_START["max_digits"])
         loss = model(input_ids=ids, labels=labels).loss
@@ -105,7 +106,7 @@ def warm_start(model, steps: int, seed: int, progress: bool = True) -> list[floa
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.note = f"loss {losses[-1]:.3f}"
     model.eval()
     return losses
 
