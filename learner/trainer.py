@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import zmq
 from crc32c import crc32c
 
 from learner.batch import (
@@ -62,7 +61,7 @@ from learner.objective import (
     zero_signal_mask,
 )
 from learner.policy import Policy, chunk_tokens_for, n_chunks_for
-from protocol.messages import Heartbeat, LearnerProgress, RolloutGroup
+from protocol.messages import RolloutGroup
 
 log = logging.getLogger("dynamo.learner")
 
@@ -655,20 +654,3 @@ def metrics_line(step: int, version: int, groups: list[RolloutGroup], stats: dic
     rec.update({k: v for k, v in stats.items() if k != "zero_signal_groups"})
     rec.update(extra)
     return rec
-
-
-def send_progress(sock: zmq.Socket, version: int, counters: Counter, sender: str) -> None:
-    """Progress to the allocator, with a heartbeat whose `sent_at` lets the allocator sample
-    this process's wall-clock offset (for aligning traces across nodes)."""
-    from protocol.sockets import send
-
-    msgs = (LearnerProgress(version=version, consumed_groups=counters.get("consumed", 0),
-                            consumed_samples=counters.get("consumed_samples", 0),
-                            dropped_stale=counters.get("dropped_stale", 0)),
-            Heartbeat(sender=sender, role="learner", sent_at=time.time(),
-                      policy_version=version, in_flight=[]))
-    for msg in msgs:
-        try:
-            send(sock, msg, zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # the allocator is away; the next progress message carries the same totals

@@ -311,7 +311,8 @@ exec cp -p ${{paths[@]:0:${{#paths[@]}}-1}} "${{paths[-1]}}"
         (bin_dir / tool).chmod(0o755)
     proc, run_dir = start_stand_ins(
         launchers, tmp_path, stand_in_python, [socket.gethostname(), "nodeA", "nodeB"], gpus=2,
-        components=4, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+        # allocator and learner here, two actors on each of nodeA and nodeB
+        components=6, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
     calls = record.read_text()
     assert "nodeA" in calls and "nodeB" in calls and "scp -pq" in calls
     keys = sorted((run_dir / "keys").iterdir())

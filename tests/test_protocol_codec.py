@@ -43,6 +43,7 @@ from protocol import (
     encode,
 )
 from protocol.errors import ERROR_CLASSES
+from protocol.messages import WeightBroadcast, WeightGroupJoin, WeightGroupReady
 
 ARRAY_FIELDS = ("prompt_token_ids", "completion_token_ids", "completion_lengths",
                 "behaviour_logprobs", "token_versions", "rewards", "finished")
@@ -91,6 +92,10 @@ EXAMPLES: list[Message] = [
     WeightChunk(version=3, index=1, data=bytes(range(256)) * 2,
                 crc32c=crc32c(bytes(range(256)) * 2)),
     WeightAck(actor_id="actor-0", version=3, next_index=2),
+    WeightGroupJoin(epoch=2, rank=1, world=3, host="10.0.0.1", port=5713, timeout_s=30.0),
+    WeightGroupReady(actor_id="actor-0", epoch=2, ok=True),
+    WeightBroadcast(epoch=2, version=3, total_bytes=1024, chunk_bytes=300, n_chunks=4,
+                    crc32c=12345, tensors=make_announce().tensors),
     Error(code="missing_field", message="WorkGrant.n: missing", ref=9),
 ]
 
