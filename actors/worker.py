@@ -276,7 +276,8 @@ class Actor:
         """Scores finished groups in the verifier pool, several in flight, and hands each to
         the I/O thread whole, once all its samples are scored."""
         verifier = self.verifier
-        pending: dict[int, tuple[_Group, float, int]] = {}  # job -> group, gen_s, submit ns
+        # job -> group, gen_s, submit ns, trace slot
+        pending: dict[int, tuple[_Group, float, int, int]] = {}
         jobs = 0
         try:
             while not self.stop.is_set():
@@ -293,14 +294,17 @@ class Actor:
                         break
                 for grp, gen_s in arrived:
                     jobs += 1
-                    pending[jobs] = (grp, gen_s, now_ns())
+                    # a trace track per job slot: jobs overlap, each slot's spans do not
+                    slot = min(set(range(len(pending) + 1)) - {p[3] for p in pending.values()})
+                    pending[jobs] = (grp, gen_s, now_ns(), slot)
                     g = grp.grant
                     verifier.submit(jobs, [
                         (g.verifier, self.tokenizer.decode(s.tokens, skip_special_tokens=True),
                          g.answer) for s in grp.samples])
                 for key, scores in verifier.collect(0.01):
-                    grp, gen_s, t = pending.pop(key)
-                    record("score", t, now_ns(), grant=grp.grant.grant_id, n=grp.grant.n)
+                    grp, gen_s, t, slot = pending.pop(key)
+                    record("score", t, now_ns(), track=f"score-{slot}",
+                           grant=grp.grant.grant_id, n=grp.grant.n)
                     self.scored.put(self._messages(grp, gen_s, np.array(scores, np.float32)))
         except BaseException as e:
             log.exception("scoring failed")

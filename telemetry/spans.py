@@ -27,6 +27,7 @@ import os
 import socket
 import threading
 import time
+import zlib
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -74,11 +75,18 @@ class Tracer:
         return _Span(self, name, args or None)
 
     def record(self, name: str, start_ns: int, end_ns: int,
-               args: dict[str, Any] | None = None) -> None:
-        """A span measured by the caller (monotonic ns, e.g. from `now_ns()`)."""
-        ident = threading.get_ident()
-        if ident not in self._threads:  # named while the thread is surely alive
-            self._threads[ident] = threading.current_thread().name
+               args: dict[str, Any] | None = None, track: str | None = None) -> None:
+        """A span measured by the caller (monotonic ns, e.g. from `now_ns()`), on the current
+        thread's track or on a named `track` of its own (for work that overlaps on one
+        thread, e.g. several verifier jobs in flight: one track per job slot keeps each
+        track's spans nested)."""
+        if track is None:
+            ident = threading.get_ident()
+            if ident not in self._threads:  # named while the thread is surely alive
+                self._threads[ident] = threading.current_thread().name
+        else:
+            ident = -(zlib.crc32(track.encode()) + 1)  # never a real thread ident
+            self._threads.setdefault(ident, track)
         self._buf.append((name, ident, start_ns, end_ns, args))
 
     def event(self, kind: str, **fields: Any) -> None:
@@ -156,10 +164,11 @@ def span(name: str, **args: Any) -> contextlib.AbstractContextManager:
     return _NULL if t is None else t.span(name, **args)
 
 
-def record(name: str, start_ns: int, end_ns: int, **args: Any) -> None:
+def record(name: str, start_ns: int, end_ns: int, track: str | None = None,
+           **args: Any) -> None:
     t = _tracer
     if t is not None:
-        t.record(name, start_ns, end_ns, args or None)
+        t.record(name, start_ns, end_ns, args or None, track)
 
 
 def event(kind: str, **fields: Any) -> None:

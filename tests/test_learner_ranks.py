@@ -107,6 +107,7 @@ def test_mini_batches_take_several_updates_and_the_clip_and_stabiliser_act(tiny_
         assert st["beta_comp/mean_pos"] > 1.0, st
 
 
+@pytest.mark.slow  # the control of the test above (opt-in: -m slow)
 def test_one_update_per_batch_keeps_the_ratio_at_one(tiny_model, tmp_path):
     """The control of the test above: the same data with one update per batch never moves
     the ratio (what the learner did before mini-batches)."""
