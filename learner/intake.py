@@ -71,10 +71,14 @@ def check_group(g: RolloutGroup, b: Bounds, learner_version: int) -> str | None:
 
 class Intake:
     def __init__(self, endpoint: str, *, capacity: int, bounds: Bounds,
-                 keys: RunKeys | None = None, max_message_bytes: int = 512 << 20):
-        self.ctx = zmq.Context()
+                 keys: RunKeys | None = None, max_message_bytes: int = 512 << 20,
+                 ctx: zmq.Context | None = None):
+        # With the process's context, its authenticator (actor keys) guards this socket too.
+        self._own_ctx = ctx is None
+        self.ctx = zmq.Context() if ctx is None else ctx
         self.keys = keys
-        self.auth = start_authenticator(self.ctx, keys.actors) if keys is not None else None
+        self.auth = start_authenticator(self.ctx, keys.actors) \
+            if keys is not None and self._own_ctx else None
         self.sock = open_socket(self.ctx, zmq.PULL, endpoint, bind=True,
                                 keys=keys.serve() if keys is not None else None,
                                 options=SocketOptions(rcvhwm=64,
@@ -234,4 +238,5 @@ class Intake:
         self.sock.close(linger=0)
         if self.auth is not None:
             self.auth.stop()
-        self.ctx.term()
+        if self._own_ctx:
+            self.ctx.term()

@@ -25,6 +25,7 @@ from learner.config import LearnerConfig
 from learner.objective import PRESETS, ObjectiveConfig
 from learner.trainer import Trainer, init_distributed, metrics_line
 from protocol.auth import RunKeys
+from protocol.messages import RolloutGroup
 from protocol.sockets import SocketOptions, open_socket
 from protocol.weights import BroadcastSettings
 from tasks.config import TaskConfig
@@ -64,27 +65,45 @@ def objective_config(cfg: LearnerConfig, preset: str) -> ObjectiveConfig:
 
 
 def run_learner(s: LearnerSetup) -> int:
-    rank, world = init_distributed()
-    cfg = s.cfg
-    clock_id = f"{socket.gethostname()}-learner{rank}-{os.getpid()}"
-    open_trace(s.run_dir, f"learner{rank}", "learner", clock_id=clock_id)
-    with span("init"):
-        trainer = Trainer(cfg, objective_config(cfg, s.preset), s.model_path,
-                          temperature=s.temperature)
-    ckpt_root = s.run_dir / "checkpoints"
-    state = trainer.load(ckpt_root)
-    step = int(state["step"]) if state else 0
-    counters: Counter[str] = Counter(state["counters"]) if state else Counter()
-    if state:
-        log.info("resumed from %s at step %d (version %d)",
-                 (ckpt_root / "LATEST").read_text(), step, trainer.version)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    loop = LearnerLoop(s)
+    try:
+        loop.run()
+    finally:
+        loop.close()
+    return 0
 
-    intake = publisher = alloc = ctx = tokenizer = reporter = None
-    metrics_f = writer = None
-    if rank == 0:
+
+class LearnerLoop:
+    """One learner rank: take a batch (rank 0 pulls it, every rank gets it), train it,
+    publish the weights, report progress, evaluate, log, checkpoint; until total_steps or a
+    stop signal, then a final checkpoint. Rank 0 alone holds the sockets."""
+
+    def __init__(self, s: LearnerSetup) -> None:
+        self.s, cfg = s, s.cfg
+        self.rank, self.world = init_distributed()
+        self.clock_id = f"{socket.gethostname()}-learner{self.rank}-{os.getpid()}"
+        open_trace(s.run_dir, f"learner{self.rank}", "learner", clock_id=self.clock_id)
+        with span("init"):
+            self.trainer = Trainer(cfg, objective_config(cfg, s.preset), s.model_path,
+                                   temperature=s.temperature)
+        ckpt_root = s.run_dir / "checkpoints"
+        self.state = self.trainer.load(ckpt_root)
+        self.step = int(self.state["step"]) if self.state else 0
+        if self.state:
+            log.info("resumed from %s at step %d (version %d)",
+                     (ckpt_root / "LATEST").read_text(), self.step, self.trainer.version)
+        self.stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        self.intake = self.publisher = self.reporter = self.tokenizer = None
+        self.ctx = self.auth = self.alloc = self.metrics_f = self.writer = None
+        if self.rank == 0:
+            self._open_wire()
+
+    # ---------------------------------------------------------------- rank 0's sockets
+    def _open_wire(self) -> None:
+        """One ZeroMQ context and one authenticator (actor keys) for the rollout intake and
+        the weights socket; a client socket to the allocator; metrics files."""
         from transformers import AutoTokenizer
 
         from learner.grant_record import GrantRecord
@@ -93,159 +112,176 @@ def run_learner(s: LearnerSetup) -> int:
         from protocol.weights import WeightPublisher
         from telemetry.scalars import ScalarWriter
 
-        tokenizer = AutoTokenizer.from_pretrained(s.model_path)
-        bounds = Bounds(vocab_size=trainer.lm.config.vocab_size, max_model_len=s.max_model_len,
-                        grant_secret=s.keys.grant_secret if s.keys is not None else None)
-        intake = Intake(s.rollouts, capacity=4 * cfg.prompts_per_step, bounds=bounds,
-                        keys=s.keys, max_message_bytes=s.max_message_bytes)
-        intake.learner_version = trainer.version
-        if state:
-            if state.get("grants"):  # absent from checkpoints older than the record
-                intake.restore(GrantRecord.from_dict(state["grants"]))
-            intake.counters.update(counters)
-        ctx = zmq.Context()
-        if s.keys is not None:
+        s, cfg, keys = self.s, self.s.cfg, self.s.keys
+        self.tokenizer = AutoTokenizer.from_pretrained(s.model_path)
+        self.ctx = zmq.Context()
+        if keys is not None:
             from protocol.sockets import start_authenticator
 
-            auth = start_authenticator(ctx, s.keys.actors)  # the weights socket: actors only
-        wsock = open_socket(ctx, zmq.ROUTER, s.weights, bind=True,
-                            keys=s.keys.serve() if s.keys is not None else None,
+            self.auth = start_authenticator(self.ctx, keys.actors)  # both servers: actors only
+        bounds = Bounds(vocab_size=self.trainer.lm.config.vocab_size,
+                        max_model_len=s.max_model_len,
+                        grant_secret=keys.grant_secret if keys is not None else None)
+        self.intake = Intake(s.rollouts, capacity=4 * cfg.prompts_per_step, bounds=bounds,
+                             keys=keys, max_message_bytes=s.max_message_bytes, ctx=self.ctx)
+        self.intake.learner_version = self.trainer.version
+        if self.state:
+            if self.state.get("grants"):  # absent from checkpoints older than the record
+                self.intake.restore(GrantRecord.from_dict(self.state["grants"]))
+            self.intake.counters.update(Counter(self.state["counters"]))
+        wsock = open_socket(self.ctx, zmq.ROUTER, s.weights, bind=True,
+                            keys=keys.serve() if keys is not None else None,
                             options=SocketOptions(sndhwm=256,
                                                   max_message_bytes=s.max_message_bytes))
         try:
-            publisher = WeightPublisher(wsock, broadcast=s.broadcast)
+            self.publisher = WeightPublisher(wsock, broadcast=s.broadcast)
             if s.broadcast is not None:
                 log.info("weights backend: broadcast (rendezvous %s:%d), ZeroMQ for catch-up",
                          s.broadcast.host, s.broadcast.port)
         except Exception as e:  # noqa: BLE001 - e.g. the rendezvous port is taken
             log.warning("weights backend broadcast cannot run here (%s): using ZeroMQ", e)
-            publisher = WeightPublisher(wsock)
-        alloc = open_socket(ctx, zmq.DEALER, s.allocator, bind=False,
-                            keys=s.keys.connect(s.keys.allocator) if s.keys is not None else None)
-        reporter = ProgressReporter(alloc, intake, s.run_dir, clock_id)
-        metrics_f = (s.run_dir / "metrics.jsonl").open("a")
-        writer = ScalarWriter(s.run_dir, os.environ.get("DYNAMO_WANDB_PROJECT"),
-                              config={"preset": s.preset, **cfg.model_dump()})
+            self.publisher = WeightPublisher(wsock)
+        self.alloc = open_socket(self.ctx, zmq.DEALER, s.allocator, bind=False,
+                                 keys=keys.connect(keys.allocator) if keys is not None else None)
+        self.reporter = ProgressReporter(self.alloc, self.intake, s.run_dir, self.clock_id)
+        self.metrics_f = (s.run_dir / "metrics.jsonl").open("a")
+        self.writer = ScalarWriter(s.run_dir, os.environ.get("DYNAMO_WANDB_PROJECT"),
+                                   config={"preset": s.preset, **cfg.model_dump()})
 
-    def publish(check_replicas: bool) -> bool:
-        """All ranks: gather and publish the current weights (rank 0 sends them)."""
-        def consume(named) -> None:
-            publisher.publish(trainer.version, named, total_bytes=trainer.weight_bytes(),
-                              chunk_bytes=int(cfg.weight_chunk_mib * (1 << 20)))
-
-        with span("publish_weights", version=trainer.version):
-            return trainer.for_each_weight(consume, check_replicas=check_replicas)
-
-    publish(check_replicas=False)
-    def heartbeat() -> None:
-        if reporter is not None:
-            reporter.send(trainer.version, step)
-
-    heartbeat()
-
-    def write_metrics(rec: dict) -> None:
-        metrics_f.write(json.dumps(rec) + "\n")
-        metrics_f.flush()
-        writer.write(rec)
-
-    t_start = time.time()
-    if rank == 0 and step == 0 and cfg.eval_every and s.held_out:
-        rec = {"step": 0, "version": trainer.version, "time": time.time(), "elapsed_s": 0.0}
-        rec.update(evaluate(trainer, tokenizer, s))
-        write_metrics(rec)
-        log.info("step 0 held-out greedy accuracy %.3f, pass@1 %.3f", rec["eval/acc"],
-                 rec["eval/pass1"])
-    t_done = now_ns()  # where the previous step's wall time ended
-    try:
-        while step < cfg.total_steps and not stop.is_set():
-            t_iter = now_ns()
-            groups = None
-            if rank == 0:
-                assert intake is not None
-                groups = intake.take(cfg.prompts_per_step, trainer.version, s.max_staleness,
-                                     on_wait=heartbeat, stop=stop)
-                if s.max_staleness >= 1:
-                    # Async: report the take now, so the allocator issues the next step's
-                    # work while this one trains (generation overlaps training). In sync mode
-                    # the report waits for the new weights (after the step).
-                    heartbeat()
-            box = [groups]
-            if world > 1:
-                dist.broadcast_object_list(box, src=0)
-            groups = box[0]
-            t_got = now_ns()
-            record("wait_batch", t_iter, t_got)
-            if groups is None:  # stopping
-                break
-            version0 = trainer.version
-            stats = trainer.step(groups)
-            if intake is not None:
-                intake.trained(groups)
-                intake.learner_version = trainer.version  # before actors can hold it
-            record_step_spans(t_got, now_ns(), stats, trainer.version)
-            step += 1
-            stats["time/wait_batch"] = (t_got - t_iter) / 1e9
-            t_pub = time.perf_counter()
-            if step % cfg.publish_every == 0 and not stats.get("skipped_step"):
-                check = world > 1 and cfg.replica_check_every > 0 \
-                    and step % cfg.replica_check_every == 0
-                agree = publish(check_replicas=check)
-                if check:
-                    stats["dp/weights_identical"] = float(agree)
-                    if not agree:
-                        log.error("data-parallel ranks hold different weights after step %d",
-                                  step)
-            stats["time/publish"] = time.perf_counter() - t_pub
-            extra: dict = {"trained_from_version": version0}
-            if rank == 0:
-                assert intake is not None and publisher is not None
-                extra["queue/intake"] = intake.queue.qsize()
-                intake.counters["consumed_samples"] += sum(g.n for g in groups)
-                heartbeat()
-                if cfg.eval_every and step % cfg.eval_every == 0 and s.held_out:
-                    extra.update(evaluate(trainer, tokenizer, s))
-            if step % cfg.checkpoint_every == 0:
-                stats["time/checkpoint"] = checkpoint(trainer, step, intake, s)
-            t_end = now_ns()
-            if rank == 0:
-                # Consecutive steps' wall times tile the run (writing the previous step's
-                # metrics included), so time/* plus "other" bookkeeping partition it.
-                wall_s = (t_end - t_done) / 1e9
-                extra.update({"elapsed_s": time.time() - t_start, "step_wall_s": wall_s,
-                              "idle/learner": stats["time/wait_batch"] / wall_s,
-                              "throughput/train_tokens_per_s":
-                              stats.get("train_tokens", 0.0) / wall_s})
-                rec = metrics_line(step, trainer.version, groups, stats, intake.counters, extra,
-                                   trained_from=version0)
-                write_metrics(rec)
-                log.info("step %d v%d reward %.3f zero-signal %.2f loss-tokens %d %s", step,
-                         trainer.version, rec["reward/mean"], rec["zero_signal_frac"],
-                         int(stats.get("train_tokens", 0)),
-                         f"acc {extra['eval/acc']:.3f}" if "eval/acc" in extra else "")
-            t_done = t_end
-        if step and (state is None or step != int(state["step"])):
-            checkpoint(trainer, step, intake, s)  # final (also on SIGTERM)
-        heartbeat()  # the final position and record
-    finally:
-        if rank == 0:
-            assert intake is not None and publisher is not None
-            intake.close()
-            publisher.close()
-            if metrics_f:
-                metrics_f.close()
-                writer.close()
-            for sock in (alloc, publisher.sock):
+    def close(self) -> None:
+        if self.rank == 0:
+            self.intake.close()
+            self.publisher.close()
+            self.metrics_f.close()
+            self.writer.close()
+            for sock in (self.alloc, self.publisher.sock):
                 sock.close(linger=0)
-            if s.keys is not None:
-                auth.stop()
-            ctx.term()
-        if world > 1:
+            if self.auth is not None:
+                self.auth.stop()
+            self.ctx.term()
+        if self.world > 1:
             try:  # ranks tear the group down together (a rank leaving early aborted another)
                 dist.barrier()
             except Exception as e:  # a peer is already gone: nothing left to wait for
                 log.warning("no barrier before teardown: %s", e)
         dist.destroy_process_group()
-    return 0
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> None:
+        cfg = self.s.cfg
+        self.publish(check_replicas=False)
+        self.heartbeat()
+        self.t_start = time.time()
+        if self.rank == 0 and self.step == 0 and cfg.eval_every and self.s.held_out:
+            self.evaluate_at_start()
+        self.t_done = now_ns()  # where the previous step's wall time ended
+        while self.step < cfg.total_steps and not self.stop.is_set():
+            t_iter = now_ns()
+            groups = self.take_batch()
+            t_got = now_ns()
+            record("wait_batch", t_iter, t_got)
+            if groups is None:  # stopping
+                break
+            self.train_publish_log(groups, t_iter, t_got)
+        if self.step and (self.state is None or self.step != int(self.state["step"])):
+            checkpoint(self.trainer, self.step, self.intake, self.s)  # final (also on SIGTERM)
+        self.heartbeat()  # the final position and record
+
+    def heartbeat(self) -> None:
+        if self.reporter is not None:
+            self.reporter.send(self.trainer.version, self.step)
+
+    def publish(self, check_replicas: bool) -> bool:
+        """All ranks: gather and publish the current weights (rank 0 sends them)."""
+        trainer, chunk = self.trainer, int(self.s.cfg.weight_chunk_mib * (1 << 20))
+
+        def consume(named) -> None:
+            self.publisher.publish(trainer.version, named, total_bytes=trainer.weight_bytes(),
+                                   chunk_bytes=chunk)
+
+        with span("publish_weights", version=trainer.version):
+            return trainer.for_each_weight(consume, check_replicas=check_replicas)
+
+    def take_batch(self) -> list[RolloutGroup] | None:
+        """Rank 0 takes the next batch from the intake; every rank gets it (None: stop)."""
+        s, groups = self.s, None
+        if self.rank == 0:
+            groups = self.intake.take(s.cfg.prompts_per_step, self.trainer.version,
+                                      s.max_staleness, on_wait=self.heartbeat, stop=self.stop)
+            if s.max_staleness >= 1:
+                # Async: report the take now, so the allocator issues the next step's work
+                # while this one trains (generation overlaps training). In sync mode the
+                # report waits for the new weights (after the step).
+                self.heartbeat()
+        box = [groups]
+        if self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def train_publish_log(self, groups: list[RolloutGroup], t_iter: int, t_got: int) -> None:
+        cfg, trainer = self.s.cfg, self.trainer
+        version0 = trainer.version
+        stats = trainer.step(groups)
+        if self.intake is not None:
+            self.intake.trained(groups)
+            self.intake.learner_version = trainer.version  # before actors can hold it
+        record_step_spans(t_got, now_ns(), stats, trainer.version)
+        self.step += 1
+        stats["time/wait_batch"] = (t_got - t_iter) / 1e9
+        t_pub = time.perf_counter()
+        if self.step % cfg.publish_every == 0 and not stats.get("skipped_step"):
+            check = self.world > 1 and cfg.replica_check_every > 0 \
+                and self.step % cfg.replica_check_every == 0
+            agree = self.publish(check_replicas=check)
+            if check:
+                stats["dp/weights_identical"] = float(agree)
+                if not agree:
+                    log.error("data-parallel ranks hold different weights after step %d",
+                              self.step)
+        stats["time/publish"] = time.perf_counter() - t_pub
+        extra: dict = {"trained_from_version": version0}
+        if self.rank == 0:
+            extra["queue/intake"] = self.intake.queue.qsize()
+            self.intake.counters["consumed_samples"] += sum(g.n for g in groups)
+            self.heartbeat()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.s.held_out:
+                extra.update(evaluate(trainer, self.tokenizer, self.s))
+        if self.step % cfg.checkpoint_every == 0:
+            stats["time/checkpoint"] = checkpoint(trainer, self.step, self.intake, self.s)
+        t_end = now_ns()
+        if self.rank == 0:
+            self.log_step(groups, stats, extra, version0, t_end)
+        self.t_done = t_end
+
+    def log_step(self, groups: list[RolloutGroup], stats: dict, extra: dict, version0: int,
+                 t_end: int) -> None:
+        """Rank 0: the step's metrics line (and TensorBoard scalars) and its log line.
+        Consecutive steps' wall times tile the run (writing the previous step's metrics
+        included), so time/* plus "other" bookkeeping partition it."""
+        wall_s = (t_end - self.t_done) / 1e9
+        extra.update({"elapsed_s": time.time() - self.t_start, "step_wall_s": wall_s,
+                      "idle/learner": stats["time/wait_batch"] / wall_s,
+                      "throughput/train_tokens_per_s": stats.get("train_tokens", 0.0) / wall_s})
+        rec = metrics_line(self.step, self.trainer.version, groups, stats,
+                           self.intake.counters, extra, trained_from=version0)
+        self.write_metrics(rec)
+        log.info("step %d v%d reward %.3f zero-signal %.2f loss-tokens %d %s", self.step,
+                 self.trainer.version, rec["reward/mean"], rec["zero_signal_frac"],
+                 int(stats.get("train_tokens", 0)),
+                 f"acc {extra['eval/acc']:.3f}" if "eval/acc" in extra else "")
+
+    def evaluate_at_start(self) -> None:
+        rec = {"step": 0, "version": self.trainer.version, "time": time.time(),
+               "elapsed_s": 0.0}
+        rec.update(evaluate(self.trainer, self.tokenizer, self.s))
+        self.write_metrics(rec)
+        log.info("step 0 held-out greedy accuracy %.3f, pass@1 %.3f", rec["eval/acc"],
+                 rec["eval/pass1"])
+
+    def write_metrics(self, rec: dict) -> None:
+        self.metrics_f.write(json.dumps(rec) + "\n")
+        self.metrics_f.flush()
+        self.writer.write(rec)
 
 
 def record_step_spans(start_ns: int, end_ns: int, stats: dict[str, float], version: int) -> None:
