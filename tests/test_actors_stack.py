@@ -123,7 +123,7 @@ def test_streamed_stats_shift_later_budgets_towards_uncertain_problems(stack):
     mixed = [g.n for g in second if 0 < first[g.problem_id] < 0.85]
     pure = [g.n for g in second if first[g.problem_id] in (0.0, 1.0)]
     assert mixed and pure, (first, [g.n for g in second])
-    # DESIGN.md §2: variance priority -> uncertain problems get more than mastered/unsolved.
+    # docs/DESIGN.md §2: variance priority -> uncertain problems get more than mastered/unsolved.
     assert np.mean(mixed) > N_MEAN > np.mean(pure)
     status = json.loads((stack["run_dir"] / "allocator_status.json").read_text())
     assert status["stats"]["problems_seen"] == 16
