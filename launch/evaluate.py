@@ -2,8 +2,10 @@
 
 Guarantees:
 - Every problem of every benchmark gets exactly k samples (and one greedy completion with
-  `--greedy`), all submitted in a single vLLM `generate` call so the engine schedules the
-  whole workload; sampling is seeded per problem.
+  `--greedy`), submitted in one vLLM `generate` call so the engine schedules the whole
+  workload; sampling is seeded per problem. On CPU the requests go in waves whose prompts fit
+  one scheduler step (`prefill_waves`): vLLM's CPU build crashes when a seeded request's
+  prefill is split over steps (it rewinds the generator, which CPU generators cannot do).
 - A prompt that does not fit the context is never dropped silently: it scores 0 and is
   counted (`prompt_too_long`); so are verifier errors and timeouts.
 - Prompts are built and completions decoded and checked the way actors do it for training
@@ -250,6 +252,8 @@ def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     benches = benchmarks_of(cfg, args.bench)
 
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: results only
+    import torch
+
     from actors.engine import Engine  # imports torch and vLLM: only once arguments are valid
 
     t0 = time.perf_counter()
@@ -301,7 +305,14 @@ def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     log.info("generating %d requests (%d samples) with %s", len(prompts),
              sum(p.n for p in params), model)
-    outputs = engine.llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
+    if torch.cuda.is_available():
+        outputs = engine.llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
+    else:
+        sched = engine.llm.llm_engine.vllm_config.scheduler_config
+        waves = prefill_waves([len(p["prompt_token_ids"]) * q.n for p, q in zip(
+            prompts, params, strict=True)], sched.max_num_batched_tokens - sched.max_num_seqs)
+        outputs = [o for w in waves for o in engine.llm.generate(prompts[w], params[w],
+                                                                 use_tqdm=False)]
     t2 = time.perf_counter()
 
     # Verify: one job per (benchmark, sampled|greedy), items in request order.
@@ -349,6 +360,23 @@ def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
         args.out.write_text(json.dumps(full, indent=1) + "\n")
     print(json.dumps(report), flush=True)
     return 0
+
+
+def prefill_waves(prefill_tokens: list[int], budget: int) -> list[slice]:
+    """Consecutive ranges of requests whose prefill tokens (prompt x samples) add up to at
+    most `budget` (a request over it alone gets a wave of its own), so that every prefill of a
+    wave is scheduled in one engine step, never split. `budget` leaves room for the decodes
+    running when late prefills are admitted (the scheduler's token budget minus its most
+    sequences)."""
+    waves, start, used = [], 0, 0
+    for i, t in enumerate(prefill_tokens):
+        if i > start and used + t > budget:
+            waves.append(slice(start, i))
+            start, used = i, 0
+        used += t
+    if start < len(prefill_tokens):
+        waves.append(slice(start, len(prefill_tokens)))
+    return waves
 
 
 def summarize(b: Benchmark, res: list[ProblemResult], counters: Counter[str], k: int,

@@ -13,7 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from launch.config import ConfigError, RunConfig
-from launch.evaluate import benchmarks_of, load_benchmark, main, pass_at_k, resolve_model
+from launch.evaluate import (
+    benchmarks_of,
+    load_benchmark,
+    main,
+    pass_at_k,
+    prefill_waves,
+    resolve_model,
+)
 from tasks.prompts import MATH_TEMPLATE, PromptFormat, resolved_prompt_format
 
 # --- pass@k ------------------------------------------------------------------------------
@@ -36,6 +43,13 @@ def test_pass_at_1_is_the_fraction_correct_and_pass_at_n_any_correct() -> None:
 def test_pass_at_k_rejects_impossible_counts(n: int, c: int, k: int) -> None:
     with pytest.raises(ValueError):
         pass_at_k(n, c, k)
+
+
+def test_prefill_waves_keep_order_and_fit_the_budget_unless_one_request_exceeds_it() -> None:
+    # vLLM's CPU build crashes when a seeded request's prefill is split over engine steps.
+    assert prefill_waves([30, 30, 30, 50, 10], 60) == [slice(0, 2), slice(2, 3), slice(3, 5)]
+    assert prefill_waves([100, 10, 10], 60) == [slice(0, 1), slice(1, 3)]
+    assert prefill_waves([], 60) == []
 
 
 # --- checkpoints ---------------------------------------------------------------------------
