@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -37,8 +38,12 @@ SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{
 VOCAB_SIZE = 512
 ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=256)  # head_dim 64 (vLLM CPU)
-WARM_START = dict(lr=2e-3, batch=64, tokenizer_corpus=4000)
-WARM_START_STEPS = 900
+# AdamW, linear warm-up then cosine decay to lr_floor x lr. Decayed to 0.1 x lr the model
+# reaches sampled pass@1 0.38 (temperature 1, 256 held-out problems) but sits so sharp that RL
+# at lr 1e-4..2e-4 only degraded it; decayed to 0.5 x lr it reaches 0.34 (greedy 0.41, a third
+# of the problems strictly between 0 and 1) and RL at 1e-4 improves it.
+WARM_START = dict(lr=2e-3, batch=64, warmup=50, lr_floor=0.5, tokenizer_corpus=4000)
+WARM_START_STEPS = 600
 BUILD_VERSION = 1  # bump when the recipe changes, so caches are rebuilt
 
 
@@ -123,7 +128,13 @@ def warm_start(model, tokenizer, steps: int, seed: int, progress: bool = True) -
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 1])
     opt = torch.optim.AdamW(model.parameters(), lr=WARM_START["lr"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    floor = WARM_START["lr_floor"]
+
+    def lr_scale(step: int) -> float:
+        cosine = 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(steps, 1)))
+        return min(1.0, (step + 1) / WARM_START["warmup"]) * (floor + (1 - floor) * cosine)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_scale)
     losses = []
     model.train()
     bar = tqdm(range(steps), desc="warm start (math)", disable=not progress, unit="step")

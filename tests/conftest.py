@@ -18,3 +18,11 @@ def tiny_model() -> Path:
     from launch.embedded_model import ensure_embedded_model
 
     return ensure_embedded_model(MODEL_CACHE, steps=600, seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def math_model() -> Path:
+    """The math rehearsal's embedded model (configs/math-rehearsal.toml builds the same)."""
+    from launch.rehearsal_model import ensure_rehearsal_model
+
+    return ensure_rehearsal_model(MODEL_CACHE, progress=False)
