@@ -41,7 +41,7 @@ ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_att
 # AdamW, linear warm-up then cosine decay to lr_floor x lr. Decayed to 0.1 x lr the model
 # reaches sampled pass@1 0.38 (temperature 1, 256 held-out problems) but sits so sharp that RL
 # at lr 1e-4..2e-4 only degraded it; decayed to 0.5 x lr it reaches 0.34 (greedy 0.41, a third
-# of the problems strictly between 0 and 1) and RL at 1e-4 improves it.
+# of the problems strictly between 0 and 1) and RL (configs/math-rehearsal.toml) improves it.
 WARM_START = dict(lr=2e-3, batch=64, warmup=50, lr_floor=0.5, tokenizer_corpus=4000)
 WARM_START_STEPS = 600
 BUILD_VERSION = 1  # bump when the recipe changes, so caches are rebuilt
@@ -168,7 +168,7 @@ def ensure_rehearsal_model(cache_dir: str | Path, steps: int | None = None, seed
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     rng = np.random.default_rng([seed, 2])
-    corpus_tok = build_tokenizer([""])  # the template's text, to train the real one on
+    corpus_tok = build_tokenizer([""])  # bytes only, with the chat template: renders the corpus
     corpus = [p + c for p, c in supervised_texts(
         corpus_tok, word_problems(rng, WARM_START["tokenizer_corpus"]))]
     tokenizer = build_tokenizer(corpus)
