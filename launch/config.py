@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from actors.config import ActorConfig
 from allocator.config import AllocatorConfig
 from learner.config import LearnerConfig
-from learner.objective import Preset, allocation_rule
+from learner.objective import PRESET_TABLE, Preset, allocation_rule
 from tasks.config import TaskConfig
 
 class ConfigError(ValueError):
@@ -127,6 +127,10 @@ class RunConfig(BaseModel):
                 f"learner.mini_batch_prompts x learner.ppo_epochs): every group generated "
                 f"during a batch would be dropped as stale; use a multiple of {u}, or mode = "
                 f"\"sync\"")
+        if self.learner.comp_constant is not None and not PRESET_TABLE[self.preset][1]:
+            raise ValueError(f"learner.comp_constant replaces β_comp of the advantage modulation, "
+                             f"which preset {self.preset!r} does not apply; use dynamo or "
+                             f"modulation-only")
         ports = [self.network.allocator_port, self.network.rollout_port, self.network.weights_port]
         if self.network.weights_backend == "broadcast":
             ports.append(self.network.weights_group_port)

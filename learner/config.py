@@ -46,10 +46,14 @@ class LearnerConfig(BaseModel):
     mask_low: float = Field(0.5, gt=0, description="mask mode: lowest IS weight kept")
     mask_high: float = Field(2.0, gt=0, description="mask mode: highest IS weight kept")
     skip_zero_signal: bool = Field(True, description="skip groups whose rewards are all equal")
+    comp_constant: float | None = Field(
+        None, gt=0, description="control experiment: multiply A > 0 tokens by this constant "
+        "instead of β_comp (β_stab unchanged; modulation presets only; None: β_comp)")
     publish_every: int = Field(1, ge=1, description="publish weights every k batches")
     weight_chunk_mib: float = Field(8.0, gt=0, description="weight message chunk size")
     checkpoint_every: int = Field(20, ge=1, description="checkpoint every k steps")
     eval_every: int = Field(10, ge=0, description="held-out evaluation every k steps (0: off)")
+    eval_samples: int = Field(4, ge=1, description="samples per held-out problem for pass@1")
     grad_variance_every: int = Field(
         0, ge=0, description="every k versions, estimate gradient variance by split-half "
         "(one extra forward/backward; 0: off)")

@@ -77,6 +77,11 @@ def evaluate_held_out(model, tokenizer, problems: list[Problem], verifier_name: 
     for name, table in (("acc", greedy), ("pass1", sampled)):
         for bucket, v in sorted(table.items()):
             res[f"eval/{name}" if bucket == "all" else f"eval/{name}_{bucket}"] = sum(v) / len(v)
+    # standard error of pass@1 over problems (each problem's k samples averaged first)
+    per_problem = sampled["all"]
+    mean = sum(per_problem) / len(per_problem)
+    var = sum((x - mean) ** 2 for x in per_problem) / max(len(per_problem) - 1, 1)
+    res["eval/pass1_se"] = (var / len(per_problem)) ** 0.5
     if was_training:
         model.train()
     return res

@@ -63,6 +63,9 @@ class ObjectiveConfig:
     # Drop all-equal-reward groups when batching (zero_signal_mask); kept, they only add
     # zero-advantage tokens to the token-mean denominator.
     skip_zero_signal: bool = _LEARNER["skip_zero_signal"].default
+    # Control experiment: A > 0 tokens get this constant instead of β_comp (β_stab unchanged),
+    # to tell the entropy-aware compensation from a plain up-weighting of positive advantages.
+    comp_constant: float | None = None
 
     def __post_init__(self) -> None:
         if not (0.0 < self.eps_low < 1.0 and self.eps_high > 0.0):
@@ -303,8 +306,12 @@ def modulated_advantage(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(A_t, β_comp, β_stab), each [S, L] and detached, from the group advantage A [S]."""
     ratio = _log_ratio(logp.detach(), logp_old.detach(), mask).exp()
-    b_comp = beta_comp(H, adv_seq, mask, cfg.alpha,
-                       None if extremes is None else (extremes.h_min, extremes.h_max))
+    if cfg.comp_constant is None:
+        b_comp = beta_comp(H, adv_seq, mask, cfg.alpha,
+                           None if extremes is None else (extremes.h_min, extremes.h_max))
+    else:
+        positive = (adv_seq.detach() > 0).unsqueeze(-1) & mask
+        b_comp = torch.where(positive, cfg.comp_constant, 1.0).to(H.dtype)
     Xi = entropy_change(logp, H, ratio, adv_seq, mask, cfg.eps_low, cfg.eps_high)
     b_stab = beta_stab(Xi, mask, cfg.lambda_min, cfg.gamma, cfg.tau,
                        None if extremes is None else extremes.xi_max)

@@ -61,7 +61,8 @@ def objective_config(cfg: LearnerConfig, preset: str) -> ObjectiveConfig:
 
     return dataclasses.replace(PRESETS[preset], is_mode=cfg.is_mode, is_cap=cfg.is_cap,
                                mask_low=cfg.mask_low, mask_high=cfg.mask_high,
-                               skip_zero_signal=cfg.skip_zero_signal)
+                               skip_zero_signal=cfg.skip_zero_signal,
+                               comp_constant=cfg.comp_constant)
 
 
 def run_learner(s: LearnerSetup) -> int:
@@ -303,7 +304,7 @@ def evaluate(trainer: Trainer, tokenizer, s: LearnerSetup) -> dict[str, float]:
     with span("eval", version=trainer.version):
         res = evaluate_held_out(trainer.lm, tokenizer, s.held_out, s.verifier,
                                 max_new_tokens=s.max_tokens, temperature=s.temperature,
-                                task=s.task)
+                                k=trainer.cfg.eval_samples, task=s.task)
     res["time/eval"] = time.perf_counter() - t
     return res
 
