@@ -36,6 +36,7 @@ from allocator.ledger import Ledger
 from protocol.auth import RunKeys, grant_mac, sender_key
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
+from protocol.handshakes import HandshakeWatch
 from protocol.messages import (
     Error,
     Heartbeat,
@@ -102,6 +103,7 @@ class AllocatorService:
                      self.ledger.epoch, self.ledger.round, len(self.ledger.grants))
         self.stop = asyncio.Event()
         self.auth = None
+        self.handshakes: HandshakeWatch | None = None
 
     async def _handle(self, sock: zmq.asyncio.Socket, frames: list[zmq.Frame]) -> None:
         ident, body = frames[0].bytes, frames[1:]
@@ -181,6 +183,8 @@ class AllocatorService:
                 log.warning("%d leases expired; grants re-queued", n)
             if self.auth is not None:  # CURVE handshakes refused by the allow-list
                 self.ledger.counters["refused_unauthenticated"] = self.auth.allow_list.refused
+            if self.handshakes is not None:  # every refused handshake, by kind
+                self.ledger.counters.update(self.handshakes.flat())
             if time.monotonic() - last_snap >= self.cfg.snapshot_every_s:
                 with span("snapshot"):
                     write_snapshot(self.ledger, self.run_dir)
@@ -196,6 +200,10 @@ class AllocatorService:
         sock = open_socket(ctx, zmq.ROUTER, self.endpoint, bind=True,
                            keys=self.keys.serve() if self.keys is not None else None,
                            options=SocketOptions(sndhwm=10000, rcvhwm=10000))
+        self.handshakes = None
+        if self.keys is not None:
+            self.handshakes = HandshakeWatch(ctx)
+            self.handshakes.watch(sock, "allocator")
         log.info("allocator serving %s (%d problems)", self.endpoint, len(self.ledger.problems))
         house = asyncio.create_task(self._housekeeping())
         try:
@@ -207,6 +215,8 @@ class AllocatorService:
             house.cancel()
             write_snapshot(self.ledger, self.run_dir)
             sock.close(linger=0)
+            if self.handshakes is not None:
+                self.handshakes.close()
             if auth is not None:
                 auth.stop()
             ctx.term()

@@ -126,7 +126,7 @@ def _ms(vals: list[float]) -> str:
 
 def _paired(runs: list[dict], base: list[dict], key: str) -> str:
     """Mean paired difference to the baseline over seeds, ± its standard error."""
-    d = [r[key] - b[key] for r, b in zip(runs, base)]
+    d = [r[key] - b[key] for r, b in zip(runs, base, strict=True)]
     se = np.std(d, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
     return f"{np.mean(d):+.3f} ± {se:.3f}"
 
@@ -157,7 +157,8 @@ def report(res: dict[str, list[dict]], args) -> dict:
               f"{f['signal_frac']:6.3f} {f.get('vs_grpo_pass1', '-'):>15s} "
               f"{f.get('vs_grpo_auc', '-'):>15s} "
               f"{fmt(f['clip/low'], '.4f')}/{fmt(f['clip/high'], '.4f')} "
-              f"{fmt(f['beta_comp/mean_pos']):>7s} {fmt(f['beta_stab/frac_below_0.99'], '.4f'):>10s}",
+              f"{fmt(f['beta_comp/mean_pos']):>7s} "
+              f"{fmt(f['beta_stab/frac_below_0.99'], '.4f'):>10s}",
               flush=True)
         table[v] = f
     return table

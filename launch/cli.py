@@ -54,6 +54,10 @@ def cmd_allocator(cfg: RunConfig, args: argparse.Namespace) -> int:
 def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
     import signal
 
+    # The engine's own process groups (gloo among its workers, all on this node) listen on
+    # loopback, never on the cluster interface; the weight broadcast names its interface itself.
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    os.environ["VLLM_HOST_IP"] = "127.0.0.1"
     from actors.worker import Actor, Endpoints
 
     setup_logging(f"actor{args.index}")
@@ -108,10 +112,18 @@ def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
         max_message_bytes=net.max_message_mib << 20,
         broadcast=BroadcastSettings(
             host=net.learner_host or net.host, port=net.weights_group_port,
+            bind_host=net.bind_host or net.host,
             timeout_s=net.broadcast_timeout_s,
             chunk_bytes=int(net.broadcast_chunk_mib * (1 << 20)))
         if net.weights_backend == "broadcast" else None)
     return run_learner(setup)
+
+
+def cmd_learner_node(cfg: RunConfig, args: argparse.Namespace) -> int:
+    from launch.node import run_learner_node
+
+    return run_learner_node(args.config_args, ranks_here=args.ranks_here,
+                            first_rank=args.first_rank, world=args.world, master=args.master)
 
 
 def cmd_run(cfg: RunConfig, args: argparse.Namespace) -> int:
@@ -151,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     p = add("actor", cmd_actor, "run one actor (vLLM engine)")
     p.add_argument("--index", type=int, default=0, help="actor index (seed offset, log name)")
     add("learner", cmd_learner, "run the learner (one rank; use torchrun for several)")
+    p = add("learner-node", cmd_learner_node, "run the learner ranks of one cluster node "
+            "(launch/cluster.sh)")
+    p.add_argument("--ranks-here", type=int, required=True, help="learner ranks on this node")
+    p.add_argument("--first-rank", type=int, required=True, help="global rank of the first")
+    p.add_argument("--world", type=int, required=True, help="learner ranks on all nodes")
+    p.add_argument("--master", required=True,
+                   help="ADDRESS:PORT of learner rank 0's rendezvous store")
     p = add("run", cmd_run, "run allocator, actors and learner on this machine")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     from launch.evaluate import add_eval_arguments, cmd_eval  # light: no torch/vllm import
@@ -185,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(Path(args.resume) / "config.toml", rest)
         else:
             cfg = load_config(args.config, rest)
+        args.config_args = [a for a in (args.config,) if a] + rest  # learner-node: for its ranks
         return args.fn(cfg, args) or 0
     except (ConfigError, FileNotFoundError) as e:
         print(f"dynamo-rl {args.command}: {e}", file=sys.stderr)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A DynaMO-RL run across nodes: learner ranks (torchrun) on the first --learner-nodes hosts,
+# A DynaMO-RL run across nodes: learner ranks (`dynamo-rl learner-node`) on the first --learner-nodes hosts,
 # the allocator beside learner rank 0 (or on a host of its own), vLLM actors on the following
 # --actor-nodes hosts.
 #
@@ -50,13 +50,13 @@ Options:
                         config are relative to the repository)
   --resume              continue the run in the run directory from its latest checkpoint;
                         node counts may differ from the previous start
-  --master-port P       torchrun rendezvous port on the first learner node (default 29500)
+  --master-port P       learner rendezvous port on the first learner node (default 29500)
   --python PATH         Python on every node (default: REPO/.venv/bin/python if present,
                         else python3)
   --dry-run             print every command it would run, one per line; run nothing
   -h, --help            this help
 
-Roles: hosts 1..N run `torchrun --nnodes N --nproc_per_node G` (one learner rank per GPU;
+Roles: hosts 1..N run `dynamo-rl learner-node` with G ranks (one learner rank per GPU;
 rank 0 on host 1 takes the rollouts and serves the weights) and host 1 also runs the
 allocator; the next M hosts run G/T actors each: N + M hosts are needed (1 + N + M with
 --separate-allocator, which puts the allocator on host 1 and the learners on 2..N+1); extra
@@ -334,8 +334,9 @@ tail_log() { tail -n 15 "$run_dir/logs/$1.log" 2>/dev/null | sed 's/^/    /' >&2
 cli=("$py" -m launch.cli)
 master_addr=$learner0_addr alloc_net=() learner_net=() actor_net=() net_env=()
 if ((nh > 1)); then
-    alloc_net=(--network.bind_host 0.0.0.0)
-    learner_net=(--network.bind_host 0.0.0.0 --network.allocator_host "$head_addr"
+    # every listener on the node's own address (the one the other nodes reach), none on all
+    alloc_net=(--network.bind_host "$head_addr")
+    learner_net=(--network.bind_host "$learner0_addr" --network.allocator_host "$head_addr"
                  --network.learner_host "$learner0_addr")
     actor_net=(--network.allocator_host "$head_addr" --network.learner_host "$learner0_addr")
 else
@@ -344,7 +345,7 @@ fi
 [[ -z $net_if ]] || net_env=("GLOO_SOCKET_IFNAME=$net_if" "NCCL_SOCKET_IFNAME=$net_if")
 
 names() { local i out=(); for i; do out+=("${hosts[$i]}"); done; echo "${out[*]}"; }
-note "allocator: $head_host | learner: $(names "${learner_ix[@]}") (torchrun, master" \
+note "allocator: $head_host | learner: $(names "${learner_ix[@]}") (rendezvous" \
      "$master_addr:$master_port) | actors: $(names "${actor_ix[@]}") (TP $tp) | $run_dir"
 
 if ((!dry)); then
@@ -424,15 +425,16 @@ fi
 start allocator "$head_host" "$lifelines/others" \
     "${cli[@]}" allocator "$config" "${overrides[@]}" "${alloc_net[@]}"
 service_names+=(allocator)
-rank=0
+world=0
+for i in "${learner_ix[@]}"; do world=$((world + $(gpus_of "$i"))); done
+rank=0 first=0
 for i in "${learner_ix[@]}"; do
     start "learner-node$rank" "${hosts[$i]}" "$lifelines/learner" \
-        env "${net_env[@]}" "$py" -m torch.distributed.run \
-        --nnodes "$learner_nodes" --nproc_per_node "$(gpus_of "$i")" --node_rank "$rank" \
-        --master_addr "$master_addr" --master_port "$master_port" \
-        -m launch.cli learner "$config" "${overrides[@]}" "${learner_net[@]}"
+        env "${net_env[@]}" "${cli[@]}" learner-node "$config" \
+        --ranks-here "$(gpus_of "$i")" --first-rank "$first" --world "$world" \
+        --master "$master_addr:$master_port" "${overrides[@]}" "${learner_net[@]}"
     learner_names+=("learner-node$rank")
-    rank=$((rank + 1))
+    first=$((first + $(gpus_of "$i"))) rank=$((rank + 1))
 done
 index=0
 for i in "${actor_ix[@]}"; do

@@ -16,7 +16,9 @@ from actors.config import ActorConfig
 from allocator.config import AllocatorConfig
 from learner.config import LearnerConfig
 from learner.objective import PRESET_TABLE, Preset, allocation_rule
+from protocol.listen import resolve
 from tasks.config import TaskConfig
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and the reason."""
@@ -56,7 +58,8 @@ class NetworkConfig(BaseModel):
     learner_host: str | None = Field(
         None, description="address of learner rank 0's node (default: host)")
     bind_host: str | None = Field(
-        None, description="address services bind (default: host; 0.0.0.0 across nodes)")
+        None, description="address (or interface name) services bind, rendezvous included "
+        "(default: host); launch/cluster.sh sets each node's own address")
     allocator_port: int = Field(5710, ge=1, le=65535, description="allocator ROUTER port")
     rollout_port: int = Field(5711, ge=1, le=65535, description="learner rollout PULL port")
     weights_port: int = Field(5712, ge=1, le=65535, description="learner weights ROUTER port")
@@ -75,7 +78,7 @@ class NetworkConfig(BaseModel):
     max_message_mib: int = Field(512, ge=1, description="largest accepted message")
 
     def bind(self, port: int) -> str:
-        return f"tcp://{self.bind_host or self.host}:{port}"
+        return f"tcp://{resolve(self.bind_host or self.host)}:{port}"
 
     @property
     def allocator(self) -> str:

@@ -92,6 +92,40 @@ def rss(pid: int) -> int:
     return 0
 
 
+def _tcp_address(hex_addr: str) -> tuple[str, int]:
+    """"0100007F:1F90" (/proc/net/tcp, little-endian words) -> ("127.0.0.1", 8080)."""
+    import ipaddress
+
+    host, port = hex_addr.split(":")
+    raw = bytes.fromhex(host)
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.ip_address(raw)), int(port, 16)
+
+
+def listeners(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket process `pid` listens on, read from the kernel's
+    socket table of the process's own network namespace (/proc/PID/net/tcp, tcp6)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = []
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # state LISTEN, and the socket is this pid's
+                out.append(_tcp_address(f[1]))
+    return sorted(out)
+
+
 def wait_for(pred, timeout: float, what: str, interval: float = 0.1):
     """The first truthy value of pred(), polled until `timeout` seconds passed."""
     deadline = time.monotonic() + timeout

@@ -34,6 +34,7 @@ from learner.grant_record import GrantRecord
 from protocol.auth import RunKeys, mac_ok, sender_key
 from protocol.codec import decode
 from protocol.errors import ProtocolError
+from protocol.handshakes import HandshakeWatch
 from protocol.idset import IdSet
 from protocol.messages import LOGPROB_EPS, RolloutGroup
 from protocol.sockets import SocketOptions, open_socket, start_authenticator
@@ -72,7 +73,7 @@ def check_group(g: RolloutGroup, b: Bounds, learner_version: int) -> str | None:
 class Intake:
     def __init__(self, endpoint: str, *, capacity: int, bounds: Bounds,
                  keys: RunKeys | None = None, max_message_bytes: int = 512 << 20,
-                 ctx: zmq.Context | None = None):
+                 ctx: zmq.Context | None = None, handshakes: HandshakeWatch | None = None):
         # With the process's context, its authenticator (actor keys) guards this socket too.
         self._own_ctx = ctx is None
         self.ctx = zmq.Context() if ctx is None else ctx
@@ -83,6 +84,8 @@ class Intake:
                                 keys=keys.serve() if keys is not None else None,
                                 options=SocketOptions(rcvhwm=64,
                                                       max_message_bytes=max_message_bytes))
+        if handshakes is not None:  # before the intake thread owns the socket
+            handshakes.watch(self.sock, "rollouts")
         self.max_message_bytes = max_message_bytes
         self.bounds = bounds
         self.learner_version = 0  # set by the training loop after each step

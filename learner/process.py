@@ -97,7 +97,7 @@ class LearnerLoop:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
         self.intake = self.publisher = self.reporter = self.tokenizer = None
-        self.ctx = self.auth = self.alloc = self.metrics_f = self.writer = None
+        self.ctx = self.auth = self.handshakes = self.alloc = self.metrics_f = self.writer = None
         if self.rank == 0:
             self._open_wire()
 
@@ -117,14 +117,17 @@ class LearnerLoop:
         self.tokenizer = AutoTokenizer.from_pretrained(s.model_path)
         self.ctx = zmq.Context()
         if keys is not None:
+            from protocol.handshakes import HandshakeWatch
             from protocol.sockets import start_authenticator
 
             self.auth = start_authenticator(self.ctx, keys.actors)  # both servers: actors only
+            self.handshakes = HandshakeWatch(self.ctx)
         bounds = Bounds(vocab_size=self.trainer.lm.config.vocab_size,
                         max_model_len=s.max_model_len,
                         grant_secret=keys.grant_secret if keys is not None else None)
         self.intake = Intake(s.rollouts, capacity=4 * cfg.prompts_per_step, bounds=bounds,
-                             keys=keys, max_message_bytes=s.max_message_bytes, ctx=self.ctx)
+                             keys=keys, max_message_bytes=s.max_message_bytes, ctx=self.ctx,
+                             handshakes=self.handshakes)
         self.intake.learner_version = self.trainer.version
         if self.state:
             if self.state.get("grants"):  # absent from checkpoints older than the record
@@ -134,6 +137,8 @@ class LearnerLoop:
                             keys=keys.serve() if keys is not None else None,
                             options=SocketOptions(sndhwm=256,
                                                   max_message_bytes=s.max_message_bytes))
+        if self.handshakes is not None:  # before the publisher's thread owns the socket
+            self.handshakes.watch(wsock, "weights")
         try:
             self.publisher = WeightPublisher(wsock, broadcast=s.broadcast)
             if s.broadcast is not None:
@@ -157,6 +162,8 @@ class LearnerLoop:
             self.writer.close()
             for sock in (self.alloc, self.publisher.sock):
                 sock.close(linger=0)
+            if self.handshakes is not None:
+                self.handshakes.close()
             if self.auth is not None:
                 self.auth.stop()
             self.ctx.term()
@@ -260,6 +267,8 @@ class LearnerLoop:
         Consecutive steps' wall times tile the run (writing the previous step's metrics
         included), so time/* plus "other" bookkeeping partition it."""
         wall_s = (t_end - self.t_done) / 1e9
+        if self.handshakes is not None:
+            extra.update(self.handshakes.flat())
         extra.update({"elapsed_s": time.time() - self.t_start, "step_wall_s": wall_s,
                       "idle/learner": stats["time/wait_batch"] / wall_s,
                       "throughput/train_tokens_per_s": stats.get("train_tokens", 0.0) / wall_s})

@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -61,6 +62,7 @@ from learner.objective import (
     zero_signal_mask,
 )
 from learner.policy import Policy, chunk_tokens_for, n_chunks_for
+from protocol.listen import listening_store
 from protocol.messages import RolloutGroup
 
 log = logging.getLogger("dynamo.learner")
@@ -82,7 +84,21 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":  # torchrun's agent has one
+        # Our own rendezvous store, listening on MASTER_ADDR only (env:// would listen on
+        # every interface); DeepSpeed then adopts the initialised default group.
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        timeout = datetime.timedelta(minutes=30)  # DeepSpeed's default
+        if rank == 0:
+            store = listening_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                    timeout_s=timeout.total_seconds(), world=world)
+        else:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  world, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -20,7 +20,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import threading
@@ -38,6 +37,7 @@ from protocol.blob import pack_weights, unpack_weights
 from protocol.broadcast import chain_broadcast, chunk_views, open_group
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
+from protocol.listen import listening_store
 from protocol.messages import (
     WeightAck,
     WeightAnnounce,
@@ -63,12 +63,14 @@ class _Peer:
 @dataclass(slots=True)
 class BroadcastSettings:
     """The `broadcast` backend on the learner: the rendezvous actors reach (host:port), the
-    timeout of joining and of each transfer, and the chunk size of the pipelined chain."""
+    timeout of joining and of each transfer, and the chunk size of the pipelined chain. The
+    rendezvous listens on `bind_host` only (default: host)."""
     host: str
     port: int
     timeout_s: float = 30.0
     chunk_bytes: int = 4 << 20
     retry_s: float = 60.0
+    bind_host: str | None = None
 
 
 class WeightPublisher:
@@ -100,9 +102,8 @@ class WeightPublisher:
         self._bcast_blob: np.ndarray | None = None  # being broadcast: not reused meanwhile
         self._bcast_thread = None
         if broadcast is not None:
-            self._store = torch.distributed.TCPStore(
-                "0.0.0.0", broadcast.port, None, is_master=True, wait_for_workers=False,
-                timeout=datetime.timedelta(seconds=broadcast.timeout_s))
+            self._store = listening_store(broadcast.bind_host or broadcast.host, broadcast.port,
+                                          timeout_s=broadcast.timeout_s)
             self._pg, self._members, self._epoch = None, [], 0
             self._joined: dict[bytes, bool] = {}
             self._bcast_thread = threading.Thread(target=self._broadcast_loop,

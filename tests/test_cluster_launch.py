@@ -82,13 +82,13 @@ def test_slurm_dry_run_places_roles_and_passes_overrides(tmp_path):
         return on[line].group(1)
 
     [alloc] = process_lines(out, "allocator")
-    assert node(alloc) == "node1" and alloc.endswith("--network.bind_host 0.0.0.0'")
-    learners = [line for line in out.splitlines() if "torch.distributed.run" in line]
+    # every service listens on its own node's address, never on all interfaces
+    assert node(alloc) == "node1" and alloc.endswith("--network.bind_host node1'")
+    learners = [line for line in out.splitlines() if "launch.cli learner-node" in line]
     assert [node(x) for x in learners] == ["node2", "node3"]
     for rank, line in enumerate(learners):
-        assert (f"--nnodes 2 --nproc_per_node 2 --node_rank {rank} --master_addr node2 "
-                "--master_port 29600 -m launch.cli learner") in line
-        assert "--network.bind_host 0.0.0.0 --network.allocator_host node1" in line
+        assert (f"--ranks-here 2 --first-rank {2 * rank} --world 4 --master node2:29600") in line
+        assert "--network.bind_host node2 --network.allocator_host node1" in line
         assert "env GLOO_SOCKET_IFNAME=eth1 NCCL_SOCKET_IFNAME=eth1 " in line
     actors = process_lines(out, "actor")
     assert [node(x) for x in actors] == ["node4", "node4"]  # one per GPU
@@ -119,11 +119,11 @@ def test_by_default_the_allocator_shares_the_first_learner_node(tmp_path):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     [alloc] = process_lines(out, "allocator")
-    [learner] = [line for line in out.splitlines() if "torch.distributed.run" in line]
+    [learner] = [line for line in out.splitlines() if "launch.cli learner-node" in line]
     # the allocator and learner rank 0 on the first host; every other host runs actors
     assert alloc.startswith("ip netns exec ns-a bash -c 'cd ")
     assert learner.startswith("ip netns exec ns-a bash -c 'cd ")
-    assert "--master_addr 10.9.0.1 " in learner
+    assert "--master 10.9.0.1:29500 " in learner
     actors = process_lines(out, "actor")
     assert [a.split()[3] for a in actors] == ["ns-b", "ns-c"]  # ip netns exec NS
     assert all("--network.allocator_host 10.9.0.1 --network.learner_host 10.9.0.1" in a
@@ -143,9 +143,9 @@ def test_host_file_dry_run_uses_ssh_slots_and_runs_this_machine_locally(tmp_path
     out = r.stdout
     [alloc] = process_lines(out, "allocator")
     assert alloc.startswith("launch/cluster.sh --child ")  # this machine: no ssh
-    [learner] = [line for line in out.splitlines() if "torch.distributed.run" in line]
+    [learner] = [line for line in out.splitlines() if "launch.cli learner-node" in line]
     assert learner.startswith(f"ssh -o BatchMode=yes h1 'cd {REPO} && launch/cluster.sh ")
-    assert "--nnodes 1 --nproc_per_node 2 --node_rank 0 --master_addr h1 " in learner
+    assert "--ranks-here 2 --first-rank 0 --world 2 --master h1:29500 " in learner
     actors = process_lines(out, "actor")
     assert [a.split()[3] for a in actors] == ["h2"] * 4 + ["h3"]  # slots=4, then default 1
     assert [re.search(r"CUDA_VISIBLE_DEVICES=(\S+)", a).group(1) for a in actors] == \
@@ -263,7 +263,7 @@ def start_stand_ins(launchers: list, tmp_path: Path, python: Path, hosts: list[s
             # trap it: give the launcher the default disposition, as a terminal would.
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     launchers.append(proc)
-    # Every component's own child is up: allocator, learner (torchrun stand-in), actors.
+    # Every component's own child is up: allocator, learner (stand-in), actors.
     grandchildren = r"import time; time\.sleep\(600\) .*"
     wait_for(lambda: len(pids_of(run_dir, grandchildren)) == components, 30,
              f"{components} stand-in processes")
@@ -329,7 +329,7 @@ exec cp -p ${{paths[@]:0:${{#paths[@]}}-1}} "${{paths[-1]}}"
 
 
 def test_single_host_run_trains_and_leaves_no_process(tmp_path, tiny_model):
-    """The real stack on this machine only: allocator, learner (torchrun), vLLM CPU actor."""
+    """The real stack on this machine only: allocator, learner (learner-node), vLLM CPU actor."""
     hosts = tmp_path / "hosts"
     hosts.write_text(f"{socket.gethostname()}\n")
     run_dir = tmp_path / "run"

@@ -1,19 +1,26 @@
 """The cluster path rehearsed across "hosts" on this machine: launch/cluster.sh starts the
-learner (torchrun) and the allocator in one network namespace and a vLLM CPU actor in each of
-two others (--remote-cmd "ip netns exec"), the hosts joined by a bridge with rate-limited
-links (launch/netns.py). Only the namespaces' addresses are used; everything is deleted at
-the end. Skipped where namespaces cannot be made (not root, no iproute2)."""
+learner (`dynamo-rl learner-node`) and the allocator in one network namespace and a vLLM CPU
+actor in each of two others (--remote-cmd: `ip netns exec`), the hosts joined by a bridge with
+rate-limited links (launch/netns.py). As on a cluster node, inside each namespace this
+machine's host name resolves to the namespace's own address (a private /etc/hosts), so a
+listener nobody pinned would land on the cluster interface. Only the namespaces' addresses
+are used; everything is deleted at the end. Skipped where namespaces cannot be made (not
+root, no iproute2)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from test_cluster_launch import CONFIG, launch
 
+from launch.config import load_config
+from launch.harness import listeners
 from launch.netns import Hosts, available
 
 WHY = available()
@@ -24,6 +31,49 @@ def _cmdline(pid: str) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
     except OSError:
         return pid
+
+
+def _on_host_script(tmp_path: Path, hosts: Hosts) -> Path:
+    """--remote-cmd: `SCRIPT HOST 'COMMAND'` runs COMMAND in namespace HOST, with this
+    machine's host name resolving to HOST's address there."""
+    for ns, addr in zip(hosts.names, hosts.addrs, strict=True):
+        (tmp_path / f"hosts-{ns}").write_text(
+            f"127.0.0.1 localhost\n{addr} {socket.gethostname()}\n")
+    script = tmp_path / "on-host"
+    script.write_text(f"""#!/bin/bash
+exec ip netns exec "$1" unshare --mount bash -c \\
+    'mount --bind "$1" /etc/hosts && exec bash -c "$2"' _ "{tmp_path}/hosts-$1" "$2"
+""")
+    script.chmod(0o755)
+    return script
+
+
+def _role(pid: str) -> str:
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return args[args.index(b"launch.cli") + 1].decode() if b"launch.cli" in args else "other"
+
+
+class _ListenerLog(threading.Thread):
+    """Every (role, address, port) listened on in each namespace while the run lasts."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.names, self.seen = names, {ns: set() for ns in names}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.5):
+            for ns in self.names:
+                pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                                      text=True).stdout.split()
+                for pid in pids:
+                    try:
+                        role = _role(pid)
+                        self.seen[ns].update((role, a, p) for a, p in listeners(int(pid)))
+                    except (OSError, ValueError):  # exited meanwhile
+                        pass
+
+
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"network namespaces: {WHY}")
 
 
@@ -38,13 +88,18 @@ def test_cluster_run_across_three_namespaces_trains(tiny_model, tmp_path, backen
                                     for ns, a in zip(hosts.names, hosts.addrs, strict=True)))
         run_dir = tmp_path / "run"
         t0 = time.monotonic()
+        sampler = _ListenerLog(hosts.names)
+        ns_addrs = list(zip(hosts.names, hosts.addrs, strict=True))
+        sampler.start()
         r = launch("--hostfile", str(hostfile), "--config", str(CONFIG),
-                   "--remote-cmd", "ip netns exec {host} bash -c", "--shared-run-dir",
+                   "--remote-cmd", str(_on_host_script(tmp_path, hosts)), "--shared-run-dir",
                    "--learner-nodes", "1", "--actor-nodes", "2", "--weights-backend", backend,
                    "--run-dir", str(run_dir), "--model.path", str(tiny_model),
                    "--learner.total_steps", "5", "--learner.eval_every", "0",
                    "--learner.prompts_per_step", "16", "--allocator.batch_prompts", "16",
                    timeout=600)
+        sampler.done.set()
+        sampler.join()
         logs = {p.name: p.read_text(errors="replace")[-3000:]
                 for p in (run_dir / "logs").glob("*")}
         assert r.returncode == 0, (r.stderr, logs)
@@ -64,6 +119,27 @@ def test_cluster_run_across_three_namespaces_trains(tiny_model, tmp_path, backen
         assert not left(), left()
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in recs] == [1, 2, 3, 4, 5]
+    # Listeners: each on the host's own address or on loopback, never on all interfaces. The
+    # head's own address carries exactly the documented ports (the services, the learner's
+    # rendezvous, process-group links); each actor host's carries only its broadcast-group
+    # link, its engine's internal process groups stay on loopback.
+    net = load_config(CONFIG).network
+    for i, (ns, addr) in enumerate(ns_addrs):
+        seen = sampler.seen[ns]
+        assert seen and all(a in (addr, "127.0.0.1") for _, a, _ in seen), (ns, seen)
+        outside = {(role, port) for role, a, port in seen if a == addr}
+        if i == 0:
+            assert {r for r, _ in outside} <= {"allocator", "learner"}, outside
+            assert {("allocator", net.allocator_port)} == {x for x in outside
+                                                           if x[0] == "allocator"}
+            ports = {p for r, p in outside if r == "learner"}
+            assert {net.rollout_port, net.weights_port, 29500} <= ports, outside
+            if backend == "broadcast":
+                assert net.weights_group_port in ports, outside
+        else:
+            assert {r for r, _ in outside} <= {"actor"}, outside
+            assert len(outside) <= (2 if backend == "broadcast" else 0), outside
+            assert len([a for role, a, _ in seen if role == "actor" and a == "127.0.0.1"]) >= 5
     # both actors generated (their groups reached the learner across the bridge)
     actors = {json.loads(x)["actor"] for i in (0, 1)
               for x in (run_dir / f"metrics_actor{i}.jsonl").read_text().splitlines()
