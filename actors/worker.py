@@ -36,7 +36,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 import zmq
@@ -66,6 +66,9 @@ from tasks.prompts import prompt_token_ids, render_prompt, resolved_prompt_forma
 from tasks.scoring import Verifier
 from telemetry.spans import close_trace, now_ns, open_trace, record
 
+if TYPE_CHECKING:
+    from protocol.broadcast import BroadcastMember
+
 log = logging.getLogger("dynamo.actor")
 PHASE_SPAN_NS = 500_000_000  # engine steps / idle polls coalesce into spans of at most 0.5 s
 
@@ -76,6 +79,27 @@ class _Group:
     prompt_ids: list[int]
     started: float
     samples: list[Sample] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _IoState:
+    """The I/O thread's sockets, outboxes and timers (no other thread touches them)."""
+
+    ctx: zmq.Context
+    alloc: zmq.Socket
+    push: zmq.Socket  # scored groups to the learner
+    wsock: zmq.Socket  # the weight publisher
+    receiver: WeightReceiver
+    member: BroadcastMember | None
+    poller: zmq.Poller
+    metrics_f: TextIO | None
+    to_learner: deque[RolloutGroup] = field(default_factory=deque)
+    to_alloc: deque[Message] = field(default_factory=deque)
+    request_sent_at: float = -1e9  # of the unanswered work request (-1e9: none)
+    retry_at: float = 0.0  # no work request before this (the allocator had none)
+    announced_at: float = field(default_factory=time.perf_counter)  # the arriving version's
+    next_beat: float = 0.0
+    next_metrics: float = field(default_factory=lambda: time.monotonic() + 2.0)
 
 
 @dataclass(slots=True)
@@ -315,6 +339,15 @@ class Actor:
 
     # ================================================================ I/O thread
     def _io_loop(self) -> None:
+        io = self._open_io()
+        try:
+            while not self.stop.is_set():
+                self._io_step(io)
+        finally:
+            self._close_io(io)
+
+    def _open_io(self) -> _IoState:
+        """Connects to the allocator, the learner's rollout sink and the weight publisher."""
         ctx = zmq.Context()
         opts = SocketOptions(max_message_bytes=self.max_message_bytes, linger_ms=2000)
         k = self.keys
@@ -328,112 +361,137 @@ class Actor:
                             keys=learner_keys, options=opts)
         receiver = WeightReceiver(self.actor_id, version=self.engine.version,
                                   pool=self.weight_buffers)
-        member = self.member = self._broadcast_member(receiver)
-        to_learner: deque[RolloutGroup] = deque()
-        to_alloc: deque[Message] = deque()
+        self.member = self._broadcast_member(receiver)
         poller = zmq.Poller()
         poller.register(alloc, zmq.POLLIN)
         poller.register(wsock, zmq.POLLIN)
-        request_sent_at = -1e9
-        announced_at = time.perf_counter()
-        retry_at = 0.0
-        next_beat = 0.0
-        next_metrics = time.monotonic() + 2.0
-        metrics_f = self.metrics_path.open("a") if self.metrics_path else None
-        try:
-            while not self.stop.is_set():
-                now = time.monotonic()
-                if now >= next_beat:
-                    # Sent at once when possible: the allocator reads (receive - sent_at) as
-                    # delay + clock offset, so time in our queue would bias the estimate.
-                    beat = Heartbeat(
-                        sender=self.actor_id, role="actor", sent_at=time.time(),
-                        policy_version=receiver.version, in_flight=sorted(self.held_ids))
-                    if not self._try_send(alloc, beat):
-                        to_alloc.append(beat)
-                    self._try_send(wsock, receiver.hello())  # (re)subscribes after restarts
-                    if member is not None:
-                        self._try_send(wsock, member.offer())  # joins at the next epoch
-                    next_beat = now + self.cfg.heartbeat_s
-                if metrics_f is not None and now >= next_metrics:
-                    metrics_f.write(json.dumps(self._metrics(len(to_learner))) + "\n")
-                    metrics_f.flush()
-                    next_metrics = now + 2.0
-                # Ask ahead: keep `prefetch_grants` in hand, one request in flight at a time
-                # (re-sent if unanswered: the allocator may have restarted).
-                want = self.cfg.prefetch_grants - self.held
-                if (want > 0 and now >= retry_at and now - request_sent_at > 1.0
-                        and len(to_learner) < 16):
-                    if self._try_send(alloc, WorkRequest(actor_id=self.actor_id, want=want,
-                                                         policy_version=receiver.version)):
-                        request_sent_at = now
-                for sock, _ in poller.poll(5):
-                    while True:
-                        try:
-                            msg = recv(sock, zmq.NOBLOCK, max_message_bytes=self.max_message_bytes)
-                        except zmq.Again:
-                            break
-                        except ProtocolError as e:
-                            self.counters[f"rejected_{e.code}"] += 1
-                            log.warning("rejected a message: %s", e)
-                            continue
-                        if isinstance(msg, WorkGrant):
-                            self.held += 1
-                            self.held_ids.add(msg.grant_id)
-                            request_sent_at = -1e9  # answered: the next request may go
-                            self.grants.put(msg)
-                        elif isinstance(msg, NoWork):
-                            request_sent_at = -1e9
-                            retry_at = time.monotonic() + msg.retry_after_s
-                        elif isinstance(msg, WeightAnnounce | WeightChunk):
-                            if isinstance(msg, WeightAnnounce):
-                                announced_at = time.perf_counter()
-                            acks, done = receiver.handle(msg)
-                            for a in acks:
-                                self._try_send(wsock, a)
-                            if done is not None:
-                                self.received.put(done)
-                                log.info("received weights v%d (%.1f MB) in %.3fs at %.6f",
-                                         done[0], len(done[2]) / 1e6,
-                                         time.perf_counter() - announced_at, time.time())
-                        elif isinstance(msg, WeightGroupJoin | WeightBroadcast) \
-                                and member is not None:
-                            member.submit(msg)  # its thread joins the group / receives
-                        elif isinstance(msg, Error):
-                            log.warning("peer error %s: %s", msg.code, msg.message)
-                        else:
-                            self.counters["unexpected_message"] += 1
-                while member is not None and not member.outbox.empty():
-                    self._try_send(wsock, member.outbox.get())
-                while True:
-                    try:
-                        group, stats = self.scored.get_nowait()
-                    except queue.Empty:
-                        break
-                    to_learner.append(group)
-                    to_alloc.append(stats)
-                    self.held -= 1
-                    self.held_ids.discard(group.grant_id)
-                t_send, sent = now_ns(), 0
-                while to_learner and self._try_send(push, to_learner[0]):
-                    g = to_learner.popleft()
-                    sent += 1
-                    self.counters["groups_sent"] += 1
-                    self.counters["samples_sent"] += g.n
-                    self.counters["tokens_sent"] += g.num_tokens
-                if sent:
-                    record("send", t_send, now_ns(), groups=sent, outbox=len(to_learner))
-                while to_alloc and self._try_send(alloc, to_alloc[0]):
-                    to_alloc.popleft()
-        finally:
-            if metrics_f is not None:
-                metrics_f.write(json.dumps(self._metrics(len(to_learner))) + "\n")
-                metrics_f.close()
-            if member is not None:
-                member.close()
-            for s in (alloc, push, wsock):
-                s.close()
-            ctx.term()
+        return _IoState(ctx, alloc, push, wsock, receiver, self.member, poller,
+                        self.metrics_path.open("a") if self.metrics_path else None)
+
+    def _io_step(self, io: _IoState) -> None:
+        """One pass: what is due (heartbeat, metrics line, work request), every message
+        waiting, then the results the scoring thread finished, out to learner and allocator."""
+        now = time.monotonic()
+        if now >= io.next_beat:
+            self._send_heartbeat(io)
+            io.next_beat = now + self.cfg.heartbeat_s
+        if io.metrics_f is not None and now >= io.next_metrics:
+            self._write_metrics(io)
+            io.next_metrics = now + 2.0
+        self._request_work(io, now)
+        for sock, _ in io.poller.poll(5):
+            self._receive_all(io, sock)
+        while io.member is not None and not io.member.outbox.empty():
+            self._try_send(io.wsock, io.member.outbox.get())
+        self._take_scored(io)
+        self._send_results(io)
+
+    def _close_io(self, io: _IoState) -> None:
+        if io.metrics_f is not None:
+            self._write_metrics(io)  # the final counters
+            io.metrics_f.close()
+        if io.member is not None:
+            io.member.close()
+        for s in (io.alloc, io.push, io.wsock):
+            s.close()
+        io.ctx.term()
+
+    def _send_heartbeat(self, io: _IoState) -> None:
+        """A heartbeat to the allocator; a hello (and a broadcast offer) to the publisher."""
+        # Sent at once when possible: the allocator reads (receive - sent_at) as delay + clock
+        # offset, so time in our queue would bias the estimate.
+        beat = Heartbeat(sender=self.actor_id, role="actor", sent_at=time.time(),
+                         policy_version=io.receiver.version, in_flight=sorted(self.held_ids))
+        if not self._try_send(io.alloc, beat):
+            io.to_alloc.append(beat)
+        self._try_send(io.wsock, io.receiver.hello())  # (re)subscribes after restarts
+        if io.member is not None:
+            self._try_send(io.wsock, io.member.offer())  # joins at the next epoch
+
+    def _write_metrics(self, io: _IoState) -> None:
+        io.metrics_f.write(json.dumps(self._metrics(len(io.to_learner))) + "\n")
+        io.metrics_f.flush()
+
+    def _request_work(self, io: _IoState, now: float) -> None:
+        """Asks ahead: keeps `prefetch_grants` in hand, one request in flight at a time
+        (re-sent if unanswered: the allocator may have restarted), none while the learner's
+        outbox is backed up."""
+        want = self.cfg.prefetch_grants - self.held
+        if (want > 0 and now >= io.retry_at and now - io.request_sent_at > 1.0
+                and len(io.to_learner) < 16):
+            if self._try_send(io.alloc, WorkRequest(actor_id=self.actor_id, want=want,
+                                                    policy_version=io.receiver.version)):
+                io.request_sent_at = now
+
+    def _receive_all(self, io: _IoState, sock: zmq.Socket) -> None:
+        """Handles every message waiting on `sock`; a malformed one is counted and skipped."""
+        while True:
+            try:
+                msg = recv(sock, zmq.NOBLOCK, max_message_bytes=self.max_message_bytes)
+            except zmq.Again:
+                return
+            except ProtocolError as e:
+                self.counters[f"rejected_{e.code}"] += 1
+                log.warning("rejected a message: %s", e)
+                continue
+            self._handle(io, msg)
+
+    def _handle(self, io: _IoState, msg: Message) -> None:
+        if isinstance(msg, WorkGrant):
+            self.held += 1
+            self.held_ids.add(msg.grant_id)
+            io.request_sent_at = -1e9  # answered: the next request may go
+            self.grants.put(msg)
+        elif isinstance(msg, NoWork):
+            io.request_sent_at = -1e9
+            io.retry_at = time.monotonic() + msg.retry_after_s
+        elif isinstance(msg, WeightAnnounce | WeightChunk):
+            self._handle_weights(io, msg)
+        elif isinstance(msg, WeightGroupJoin | WeightBroadcast) and io.member is not None:
+            io.member.submit(msg)  # its thread joins the group / receives
+        elif isinstance(msg, Error):
+            log.warning("peer error %s: %s", msg.code, msg.message)
+        else:
+            self.counters["unexpected_message"] += 1
+
+    def _handle_weights(self, io: _IoState, msg: WeightAnnounce | WeightChunk) -> None:
+        """Acknowledges chunks; a complete version goes to the weights thread."""
+        if isinstance(msg, WeightAnnounce):
+            io.announced_at = time.perf_counter()
+        acks, done = io.receiver.handle(msg)
+        for a in acks:
+            self._try_send(io.wsock, a)
+        if done is not None:
+            self.received.put(done)
+            log.info("received weights v%d (%.1f MB) in %.3fs at %.6f", done[0],
+                     len(done[2]) / 1e6, time.perf_counter() - io.announced_at, time.time())
+
+    def _take_scored(self, io: _IoState) -> None:
+        """Moves scored groups to the outboxes: the group for the learner, its stats for the
+        allocator; the grant is no longer held."""
+        while True:
+            try:
+                group, stats = self.scored.get_nowait()
+            except queue.Empty:
+                return
+            io.to_learner.append(group)
+            io.to_alloc.append(stats)
+            self.held -= 1
+            self.held_ids.discard(group.grant_id)
+
+    def _send_results(self, io: _IoState) -> None:
+        """Sends from the outboxes in order, as far as each peer takes them now."""
+        t_send, sent = now_ns(), 0
+        while io.to_learner and self._try_send(io.push, io.to_learner[0]):
+            g = io.to_learner.popleft()
+            sent += 1
+            self.counters["groups_sent"] += 1
+            self.counters["samples_sent"] += g.n
+            self.counters["tokens_sent"] += g.num_tokens
+        if sent:
+            record("send", t_send, now_ns(), groups=sent, outbox=len(io.to_learner))
+        while io.to_alloc and self._try_send(io.alloc, io.to_alloc[0]):
+            io.to_alloc.popleft()
 
     def _broadcast_member(self, receiver: WeightReceiver):
         """The broadcast backend's member thread, or None (ZeroMQ only) with the reason

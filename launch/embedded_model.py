@@ -2,19 +2,18 @@
 
 Built offline (character tokenizer from `tokenizers`, model from a config), deterministic
 from its seed, cached under a key of every setting that shapes it, written atomically (a
-half-built directory is never reused). The warm start stops where per-problem pass rates
-are spread between 0 and 1 (ENVIRONMENT.md: ~600 steps), so RL has signal from step one.
+half-built directory is never reused: `launch/cache.py`). The warm start stops where
+per-problem pass rates are spread between 0 and 1 (ENVIRONMENT.md: ~600 steps), so RL has
+signal from step one.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
+
+from launch.cache import cache_key, ensure_model
 
 VOCAB = ["<pad>", "<eos>", "<bos>", *"0123456789", "+", "=", " "]
 PAD, EOS, BOS = 0, 1, 2
@@ -26,8 +25,7 @@ BUILD_VERSION = 1  # bump when the recipe changes, so caches are rebuilt
 
 
 def model_key(steps: int, seed: int) -> str:
-    blob = json.dumps([BUILD_VERSION, VOCAB, ARCH, WARM_START, steps, seed], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return cache_key(BUILD_VERSION, VOCAB, ARCH, WARM_START, steps, seed)
 
 
 def build_tokenizer():
@@ -115,24 +113,12 @@ def ensure_embedded_model(cache_dir: str | Path, steps: int | None = None, seed:
                           progress: bool = True) -> Path:
     """Path of the warm-started tiny model (WARM_START_STEPS unless `steps`), building it if
     it is not cached yet."""
-    import torch
-
     steps = WARM_START_STEPS if steps is None else steps
-    out = Path(cache_dir) / f"tiny-arith-{model_key(steps, seed)}"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model = build_model(seed)
-    losses = warm_start(model, steps, seed, progress)
-    model.save_pretrained(tmp, safe_serialization=True)
-    build_tokenizer().save_pretrained(tmp)
-    (tmp / "build.json").write_text(json.dumps(
-        {"steps": steps, "seed": seed, "final_loss": losses[-1] if losses else None}))
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished the same build first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    def build():
+        model = build_model(seed)
+        losses = warm_start(model, steps, seed, progress)
+        return model, build_tokenizer(), {"steps": steps, "seed": seed,
+                                          "final_loss": losses[-1] if losses else None}
+
+    return ensure_model(Path(cache_dir) / f"tiny-arith-{model_key(steps, seed)}", build)

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -235,10 +235,66 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="write the full report (JSON) here")
 
 
+@dataclass(slots=True)
+class Requests:
+    """An evaluation's vLLM requests, in submission order."""
+
+    prompts: list[dict] = field(default_factory=list)
+    params: list = field(default_factory=list)  # vllm.SamplingParams
+    # (benchmark, problem, greedy) of each request
+    owners: list[tuple[int, int, bool]] = field(default_factory=list)
+    examples: dict[str, str] = field(default_factory=dict)  # benchmark -> first prompt as sent
+
+    def add(self, ids: list[int], params: Any, owner: tuple[int, int, bool]) -> None:
+        self.prompts.append({"prompt_token_ids": ids})
+        self.params.append(params)
+        self.owners.append(owner)
+
+
 def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     from launch.runtime import model_path, setup_logging
 
     setup_logging("eval")
+    max_tokens = check_arguments(cfg, args)
+    model = resolve_model(args.model) if args.model else Path(model_path(cfg))
+    benches = benchmarks_of(cfg, args.bench)
+
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: results only
+    from actors.engine import Engine  # imports torch and vLLM: only once arguments are valid
+
+    t0 = time.perf_counter()
+    engine = Engine(str(model), **engine_options(cfg, args, max_tokens))
+    results = [[ProblemResult() for _ in b.problems] for b in benches]
+    reqs = build_requests(engine.tokenizer, benches, results, args, cfg.actor.max_model_len,
+                          max_tokens)
+    t1 = time.perf_counter()
+    log.info("generating %d requests (%d samples) with %s", len(reqs.prompts),
+             sum(p.n for p in reqs.params), model)
+    outputs = generate(engine, reqs)
+    t2 = time.perf_counter()
+    counters = verify(cfg, args, benches, results, engine.tokenizer, reqs.owners, outputs)
+    t3 = time.perf_counter()
+
+    report = {"model": str(model), "k": args.k, "temperature": args.temperature,
+              "top_p": args.top_p, "max_tokens": max_tokens,
+              "max_model_len": cfg.actor.max_model_len, "seed": args.seed,
+              "answer_extraction": cfg.task.answer_extraction,
+              "benchmarks": {b.name: summarize(b, res, c, args.k, args.greedy)
+                             for b, res, c in zip(benches, results, counters, strict=True)},
+              "time_s": {"load": round(t1 - t0, 2), "generate": round(t2 - t1, 2),
+                         "verify": round(t3 - t2, 2)}}
+    if len(benches) > 1:
+        report["average"] = average(report["benchmarks"])
+    print(format_table(report), flush=True)
+    if args.out is not None:
+        write_full_report(args.out, report, reqs.examples, benches, results, args.k)
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+def check_arguments(cfg: RunConfig, args: argparse.Namespace) -> int:
+    """The most generated tokens, once the arguments are known to be usable (before an
+    engine is started)."""
     if args.k < 1:
         raise ConfigError(f"--k {args.k}: need at least one sample per problem")
     if args.workers < 1:
@@ -248,74 +304,82 @@ def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
     if max_tokens >= max_len:
         raise ConfigError(f"--max-tokens {max_tokens} leaves no room for the prompt in "
                           f"actor.max_model_len = {max_len}")
-    model = resolve_model(args.model) if args.model else Path(model_path(cfg))
-    benches = benchmarks_of(cfg, args.bench)
+    return max_tokens
 
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: results only
-    import torch
 
-    from actors.engine import Engine  # imports torch and vLLM: only once arguments are valid
-
-    t0 = time.perf_counter()
+def engine_options(cfg: RunConfig, args: argparse.Namespace, max_tokens: int) -> dict[str, Any]:
+    """`actors.engine.Engine` settings: the actors' engine, with this command's sampling."""
     a = cfg.actor
-    engine = Engine(str(model), max_model_len=max_len, max_tokens=max_tokens,
-                    temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                    kv_cache_gib=a.kv_cache_gib, dtype=a.dtype,
-                    gpu_memory_utilization=a.gpu_memory_utilization,
-                    tensor_parallel_size=a.tensor_parallel_size, enforce_eager=a.enforce_eager)
+    return dict(max_model_len=a.max_model_len, max_tokens=max_tokens,
+                temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                kv_cache_gib=a.kv_cache_gib, dtype=a.dtype,
+                gpu_memory_utilization=a.gpu_memory_utilization,
+                tensor_parallel_size=a.tensor_parallel_size, enforce_eager=a.enforce_eager)
+
+
+def build_requests(tok, benches: list[Benchmark], results: list[list[ProblemResult]],
+                   args: argparse.Namespace, max_len: int, max_tokens: int) -> Requests:
+    """k samples per problem (and a greedy completion with --greedy); a prompt that does not
+    fit the context is marked too long instead, and counted in a warning."""
     from vllm import SamplingParams
 
-    tok = engine.tokenizer
-    results = [[ProblemResult() for _ in b.problems] for b in benches]
-    counters: list[Counter[str]] = [Counter() for _ in benches]  # verifier errors, timeouts
-    prompts: list[dict] = []
-    params: list = []
-    owners: list[tuple[int, int, bool]] = []  # (benchmark, problem, greedy) of each request
-    examples: dict[str, str] = {}
+    reqs = Requests()
     for bi, b in enumerate(benches):
         for pi, q in enumerate(b.problems):
-            try:
-                ids = prompt_token_ids(tok, q.prompt, b.prompt_format)
-            except ValueError as e:  # a chat template required and missing
-                raise ConfigError(f"{b.name}: {e}") from None
-            if not ids:
-                raise ConfigError(f"{b.name}: the prompt of problem {q.id} tokenizes to nothing "
-                                  f"({b.prompt_format})")
-            if b.name not in examples:
-                examples[b.name] = tok.decode(ids)
-                log.info("%s: first prompt as sent: %r", b.name, examples[b.name])
+            ids = _prompt_ids(tok, b, q)
+            if b.name not in reqs.examples:
+                reqs.examples[b.name] = tok.decode(ids)
+                log.info("%s: first prompt as sent: %r", b.name, reqs.examples[b.name])
             if len(ids) >= max_len:  # vLLM refuses it (and the whole batch with it)
                 results[bi][pi].too_long = True
                 continue
-            prompts.append({"prompt_token_ids": ids})
             # Per-problem seeds: a benchmark's samples do not depend on the other benchmarks.
-            params.append(SamplingParams(n=args.k, temperature=args.temperature,
+            reqs.add(ids, SamplingParams(n=args.k, temperature=args.temperature,
                                          top_p=args.top_p, max_tokens=max_tokens,
-                                         seed=args.seed + pi * args.k, detokenize=False))
-            owners.append((bi, pi, False))
+                                         seed=args.seed + pi * args.k, detokenize=False),
+                     (bi, pi, False))
             if args.greedy:
-                prompts.append({"prompt_token_ids": ids})
-                params.append(SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens,
-                                             detokenize=False))
-                owners.append((bi, pi, True))
+                reqs.add(ids, SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens,
+                                             detokenize=False), (bi, pi, True))
     for b, res in zip(benches, results, strict=True):
         if (n := sum(r.too_long for r in res)):
             log.warning("%s: %d of %d prompts do not fit actor.max_model_len = %d; they score 0",
                         b.name, n, len(res), max_len)
-    t1 = time.perf_counter()
-    log.info("generating %d requests (%d samples) with %s", len(prompts),
-             sum(p.n for p in params), model)
-    if torch.cuda.is_available():
-        outputs = engine.llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
-    else:
-        sched = engine.llm.llm_engine.vllm_config.scheduler_config
-        waves = prefill_waves([len(p["prompt_token_ids"]) * q.n for p, q in zip(
-            prompts, params, strict=True)], sched.max_num_batched_tokens - sched.max_num_seqs)
-        outputs = [o for w in waves for o in engine.llm.generate(prompts[w], params[w],
-                                                                 use_tqdm=False)]
-    t2 = time.perf_counter()
+    return reqs
 
-    # Verify: one job per (benchmark, sampled|greedy), items in request order.
+
+def _prompt_ids(tok, b: Benchmark, q: Problem) -> list[int]:
+    try:
+        ids = prompt_token_ids(tok, q.prompt, b.prompt_format)
+    except ValueError as e:  # a chat template required and missing
+        raise ConfigError(f"{b.name}: {e}") from None
+    if not ids:
+        raise ConfigError(f"{b.name}: the prompt of problem {q.id} tokenizes to nothing "
+                          f"({b.prompt_format})")
+    return ids
+
+
+def generate(engine, reqs: Requests) -> list:
+    """vLLM's outputs, one per request in order: one `generate` call on GPU, waves on CPU
+    (`prefill_waves`)."""
+    import torch
+
+    llm = engine.llm
+    if torch.cuda.is_available():
+        return llm.generate(reqs.prompts, reqs.params, use_tqdm=sys.stderr.isatty())
+    sched = llm.llm_engine.vllm_config.scheduler_config
+    waves = prefill_waves([len(p["prompt_token_ids"]) * q.n for p, q in zip(
+        reqs.prompts, reqs.params, strict=True)], sched.max_num_batched_tokens - sched.max_num_seqs)
+    return [o for w in waves for o in llm.generate(reqs.prompts[w], reqs.params[w],
+                                                   use_tqdm=False)]
+
+
+def verify(cfg: RunConfig, args: argparse.Namespace, benches: list[Benchmark],
+           results: list[list[ProblemResult]], tok, owners: list[tuple[int, int, bool]],
+           outputs: list) -> list[Counter[str]]:
+    """Scores every completion into `results` (correct samples, greedy score, tokens,
+    truncations); returns each benchmark's verifier counters (errors, timeouts)."""
+    # One job per (benchmark, sampled|greedy), items in request order.
     jobs: dict[tuple[int, bool], list[tuple[str, str]]] = {}
     slots: dict[tuple[int, bool], list[int]] = {}
     for (bi, pi, greedy), out in zip(owners, outputs, strict=True):
@@ -327,6 +391,7 @@ def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
             if not greedy:
                 r.tokens += len(c.token_ids)
                 r.truncated += c.finish_reason == "length"
+    counters: list[Counter[str]] = [Counter() for _ in benches]
     with Verifier(cfg.task.verifier_timeout_s, workers=args.workers,
                   answer_extraction=cfg.task.answer_extraction) as verifier:
         for (bi, greedy), items in jobs.items():
@@ -339,27 +404,19 @@ def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
                 else:
                     r.correct += int(s > 0)
             counters[bi].update(verifier.counters - before)
-    t3 = time.perf_counter()
+    return counters
 
-    report = {"model": str(model), "k": args.k, "temperature": args.temperature,
-              "top_p": args.top_p, "max_tokens": max_tokens, "max_model_len": max_len,
-              "seed": args.seed, "answer_extraction": cfg.task.answer_extraction,
-              "benchmarks": {b.name: summarize(b, res, c, args.k, args.greedy)
-                             for b, res, c in zip(benches, results, counters, strict=True)},
-              "time_s": {"load": round(t1 - t0, 2), "generate": round(t2 - t1, 2),
-                         "verify": round(t3 - t2, 2)}}
-    if len(benches) > 1:
-        report["average"] = average(report["benchmarks"])
-    print(format_table(report), flush=True)
-    if args.out is not None:
-        full = dict(report, prompt_examples=examples, per_problem={
-            b.name: [{"id": q.id, "correct": r.correct, "samples": args.k, "greedy": r.greedy,
-                      "too_long": r.too_long} for q, r in zip(b.problems, res, strict=True)]
-            for b, res in zip(benches, results, strict=True)})
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(full, indent=1) + "\n")
-    print(json.dumps(report), flush=True)
-    return 0
+
+def write_full_report(out: Path, report: dict[str, Any], examples: dict[str, str],
+                      benches: list[Benchmark], results: list[list[ProblemResult]],
+                      k: int) -> None:
+    """The report with the prompt examples and each problem's counts (--out)."""
+    full = dict(report, prompt_examples=examples, per_problem={
+        b.name: [{"id": q.id, "correct": r.correct, "samples": k, "greedy": r.greedy,
+                  "too_long": r.too_long} for q, r in zip(b.problems, res, strict=True)]
+        for b, res in zip(benches, results, strict=True)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(full, indent=1) + "\n")
 
 
 def prefill_waves(prefill_tokens: list[int], budget: int) -> list[slice]:

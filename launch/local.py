@@ -163,14 +163,69 @@ def _free_port() -> int:
     return free_ports(1)[0]
 
 
-def run_local(cfg: RunConfig, resume: str | None = None) -> int:
-    from launch.runtime import ensure_run_keys, model_path
+@dataclass
+class Processes:
+    """The run's children, in start order."""
 
+    allocator: Child
+    learners: list[Child]  # one per rank
+    actors: list[Child]
+
+    def all(self) -> list[Child]:
+        return [self.allocator, *self.learners, *self.actors]
+
+
+class StopSignals:
+    """Ctrl-C / SIGTERM, caught from creation until `restore()`: the supervising loop sees
+    `signal` set and ends the run in order (final checkpoint, shutdown, summary)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def run_local(cfg: RunConfig, resume: str | None = None) -> int:
     run_dir = cfg.run_dir
     if resume is None and (run_dir / "checkpoints" / "LATEST").exists():
         print(f"[run] {run_dir} already holds a run; use --resume {run_dir} or another "
               f"--run_dir", file=sys.stderr)
         return 2
+    prepare_run_dir(cfg, resume)
+    procs = plan_processes(cfg)
+    stop = StopSignals()
+    progress = Progress(run_dir / "metrics.jsonl", cfg.learner.total_steps)
+    if resume and progress.path.exists():
+        progress.pos = progress.path.stat().st_size  # follow only this launch's steps
+    rc = 0
+    t0 = time.monotonic()
+    try:
+        for c in procs.all():
+            c.start()
+        print(f"[run] started allocator, learner ({cfg.learner.ranks} rank(s)), "
+              f"{len(procs.actors)} actor(s); logs in {run_dir / 'logs'}", flush=True)
+        rc = supervise(cfg, procs, progress, stop)
+    finally:
+        shutdown(procs.learners, timeout=120)  # learners first: they write the final checkpoint
+        shutdown([*procs.actors, procs.allocator], timeout=30)
+        stop.restore()
+        progress.poll()
+    summary(progress.records, time.monotonic() - t0, run_dir)
+    return rc
+
+
+def prepare_run_dir(cfg: RunConfig, resume: str | None) -> None:
+    """The run directory with its config and keys (on resume: the allocator's snapshot), and
+    the model and task files the children will load, built now if not cached."""
+    from launch.runtime import ensure_run_keys, model_path
+
+    run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(dump_config(cfg))
     if cfg.network.curve:
@@ -181,37 +236,21 @@ def run_local(cfg: RunConfig, resume: str | None = None) -> int:
     if resume:
         tag = restore_allocator_snapshot(run_dir)
         print(f"[run] resuming {run_dir} from checkpoint {tag}", flush=True)
-    path = model_path(cfg, progress=True)
-    print(f"[run] model {path}", flush=True)
+    print(f"[run] model {model_path(cfg, progress=True)}", flush=True)
     if cfg.task.kind == "math-rehearsal":
         from tasks.math_rehearsal import rehearsal_files
 
         print(f"[run] task files {' '.join(map(str, rehearsal_files(cfg.task)))}", flush=True)
-    cfg_file = str(run_dir / "config.toml")
+
+
+def plan_processes(cfg: RunConfig) -> Processes:
+    """The allocator, the learner ranks and the actors, each with its command line, log and
+    environment (not started)."""
+    cfg_file = str(cfg.run_dir / "config.toml")
     py = [sys.executable, "-m", "launch.cli"]
     env = child_env()
-    logs = run_dir / "logs"
-    actor_env, learner_env = dict(env), dict(env)
-    if cfg.placement == "colocated":
-        # Actors and learner take turns (synchronous phases), each with every core; idle
-        # OpenMP threads sleep instead of spinning, so the waiting side costs nothing.
-        every = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
-        for e in (actor_env, learner_env):
-            e["OMP_WAIT_POLICY"] = "PASSIVE"
-        if not _cuda():
-            actor_env["VLLM_CPU_OMP_THREADS_BIND"] = every
-            learner_env["DYNAMO_CPU_AFFINITY"] = every
-        print(f"[run] placement: colocated (actors and learner take turns on cores {every})",
-              flush=True)
-    else:
-        part = cpu_partition()
-        if part is not None:
-            actor_env["VLLM_CPU_OMP_THREADS_BIND"] = part[0]
-            learner_env["DYNAMO_CPU_AFFINITY"] = part[1]
-            print(f"[run] placement: disaggregated (CPU cores: actors {part[0]}, learner "
-                  f"{part[1]})", flush=True)
-        else:
-            print("[run] placement: disaggregated", flush=True)
+    logs = cfg.run_dir / "logs"
+    actor_env, learner_env = placement_envs(cfg, env)
     alloc = Child("allocator", [*py, "allocator", cfg_file], logs / "allocator.log", env)
     # Learner ranks are our own children (not torchrun's), so each dies with the launcher.
     master_port = _free_port()
@@ -224,65 +263,76 @@ def run_local(cfg: RunConfig, resume: str | None = None) -> int:
         learners.append(Child(name, [*py, "learner", cfg_file], logs / f"{name}.log", renv))
     actors = [Child(f"actor{i}", [*py, "actor", cfg_file, "--index", str(i)],
                     logs / f"actor{i}.log", actor_env) for i in range(cfg.actor.num_actors)]
-    children = [alloc, *learners, *actors]
-    stopping = {"signal": None}
+    return Processes(alloc, learners, actors)
 
-    def on_signal(signum, _frame) -> None:
-        stopping["signal"] = signum
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    progress = Progress(run_dir / "metrics.jsonl", cfg.learner.total_steps)
-    progress.pos = (run_dir / "metrics.jsonl").stat().st_size if resume and \
-        (run_dir / "metrics.jsonl").exists() else 0
-    rc = 0
-    t0 = time.monotonic()
-    try:
-        for c in children:
-            c.start()
-        print(f"[run] started allocator, learner ({cfg.learner.ranks} rank(s)), "
-              f"{len(actors)} actor(s); logs in {logs}", flush=True)
-        while True:
-            time.sleep(0.5)
-            progress.poll()
-            if stopping["signal"] is not None:
-                print("[run] stopping: final checkpoint, then shutdown", flush=True)
-                break
-            dead = [c for c in learners if not c.alive() and c.proc.returncode != 0]
-            if dead:
-                c = dead[0]
-                print(f"[run] ERROR: {c.name} exited with code {c.proc.returncode}; last "
-                      f"lines of {c.log}:\n{c.tail()}", file=sys.stderr)
-                rc = 1
-                break
-            if not any(c.alive() for c in learners):
-                break
-            if not alloc.alive():
-                print(f"[run] ERROR: allocator exited with code {alloc.proc.returncode}; "
-                      f"last lines of {alloc.log}:\n{alloc.tail()}", file=sys.stderr)
-                rc = 1
-                break
-            for a in actors:
-                if a.proc is not None and not a.alive():
-                    print(f"[run] actor {a.name} died (code {a.proc.returncode}); "
-                          f"{'restarting' if cfg.actor.restart_dead else 'continuing without it'}",
-                          flush=True)
-                    if cfg.actor.restart_dead:
-                        a.restarts += 1
-                        a.start()
-                    else:
-                        a.proc = None
-            if actors and all(a.proc is None for a in actors):
-                print("[run] ERROR: every actor is dead", file=sys.stderr)
-                rc = 1
-                break
-    finally:
-        shutdown(learners, timeout=120)  # learners first: they write the final checkpoint
-        shutdown([*actors, alloc], timeout=30)
-        for s, h in old.items():
-            signal.signal(s, h)
+def placement_envs(cfg: RunConfig, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(actor env, learner env): `env` with the CPU cores and OpenMP waiting of the placement."""
+    actor_env, learner_env = dict(env), dict(env)
+    if cfg.placement == "colocated":
+        # Actors and learner take turns (synchronous phases), each with every core; idle
+        # OpenMP threads sleep instead of spinning, so the waiting side costs nothing.
+        every = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+        for e in (actor_env, learner_env):
+            e["OMP_WAIT_POLICY"] = "PASSIVE"
+        if not _cuda():
+            actor_env["VLLM_CPU_OMP_THREADS_BIND"] = every
+            learner_env["DYNAMO_CPU_AFFINITY"] = every
+        print(f"[run] placement: colocated (actors and learner take turns on cores {every})",
+              flush=True)
+        return actor_env, learner_env
+    part = cpu_partition()
+    if part is not None:
+        actor_env["VLLM_CPU_OMP_THREADS_BIND"] = part[0]
+        learner_env["DYNAMO_CPU_AFFINITY"] = part[1]
+        print(f"[run] placement: disaggregated (CPU cores: actors {part[0]}, learner "
+              f"{part[1]})", flush=True)
+    else:
+        print("[run] placement: disaggregated", flush=True)
+    return actor_env, learner_env
+
+
+def supervise(cfg: RunConfig, procs: Processes, progress: Progress, stop: StopSignals) -> int:
+    """Follows the started run until it ends: 0 when the learners finished or a stop signal
+    came, 1 when a learner failed, the allocator died or no actor is left."""
+    while True:
+        time.sleep(0.5)
         progress.poll()
-    summary(progress.records, time.monotonic() - t0, run_dir)
-    return rc
+        if stop.signal is not None:
+            print("[run] stopping: final checkpoint, then shutdown", flush=True)
+            return 0
+        failed = [c for c in procs.learners if not c.alive() and c.proc.returncode != 0]
+        if failed:
+            return _fatal(failed[0])
+        if not any(c.alive() for c in procs.learners):
+            return 0
+        if not procs.allocator.alive():
+            return _fatal(procs.allocator)
+        tend_actors(cfg, procs.actors)
+        if procs.actors and all(a.proc is None for a in procs.actors):
+            print("[run] ERROR: every actor is dead", file=sys.stderr)
+            return 1
+
+
+def _fatal(c: Child) -> int:
+    print(f"[run] ERROR: {c.name} exited with code {c.proc.returncode}; last lines of "
+          f"{c.log}:\n{c.tail()}", file=sys.stderr)
+    return 1
+
+
+def tend_actors(cfg: RunConfig, actors: list[Child]) -> None:
+    """Restarts each actor that died, or (`actor.restart_dead = false`) lets it go
+    (`proc` None: the run continues without it)."""
+    for a in actors:
+        if a.proc is not None and not a.alive():
+            print(f"[run] actor {a.name} died (code {a.proc.returncode}); "
+                  f"{'restarting' if cfg.actor.restart_dead else 'continuing without it'}",
+                  flush=True)
+            if cfg.actor.restart_dead:
+                a.restarts += 1
+                a.start()
+            else:
+                a.proc = None
 
 
 def shutdown(children: list[Child], timeout: float) -> None:

@@ -5,7 +5,8 @@ tokenizer trained with `tokenizers` on the task's text, with a Qwen-style chat t
 (`<|im_start|>role ... <|im_end|>`, system/user/assistant); a Qwen2 from a config; a
 supervised warm start on worked solutions (`tasks/math_rehearsal.py`) put in the prompt
 format the rehearsal trains and evaluates with (`tasks.prompts`). Deterministic from its
-seed, cached under a key of every setting that shapes it, written atomically.
+seed, cached under a key of every setting that shapes it, written atomically
+(`launch/cache.py`).
 
 The warm start is partial on purpose: it stops while per-problem pass rates are spread
 between 0 and 1, so RL has something to improve.
@@ -13,15 +14,12 @@ between 0 and 1, so RL has something to improve.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from launch.cache import cache_key, ensure_model
 from tasks.math_rehearsal import GENERATOR_VERSION, WordProblem, word_problems
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -48,9 +46,8 @@ BUILD_VERSION = 1  # bump when the recipe changes, so caches are rebuilt
 
 
 def model_key(steps: int, seed: int) -> str:
-    blob = json.dumps([BUILD_VERSION, GENERATOR_VERSION, SPECIAL, CHAT_TEMPLATE, SPLIT,
-                       VOCAB_SIZE, ARCH, WARM_START, steps, seed], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return cache_key(BUILD_VERSION, GENERATOR_VERSION, SPECIAL, CHAT_TEMPLATE, SPLIT, VOCAB_SIZE,
+                     ARCH, WARM_START, steps, seed)
 
 
 def build_tokenizer(corpus: list[str]):
@@ -123,7 +120,8 @@ def supervised_batch(tokenizer, pairs: list[tuple[str, str]]):
 
 def warm_start(model, tokenizer, steps: int, seed: int, progress: bool = True) -> list[float]:
     import torch
-    from tqdm import tqdm
+
+    from launch.progress import Progress
 
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 1])
@@ -137,7 +135,7 @@ def warm_start(model, tokenizer, steps: int, seed: int, progress: bool = True) -
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_scale)
     losses = []
     model.train()
-    bar = tqdm(range(steps), desc="warm start (math)", disable=not progress, unit="step")
+    bar = Progress(steps, "warm start (math)", enabled=progress)
     for _ in bar:
         pairs = supervised_texts(tokenizer, word_problems(rng, WARM_START["batch"]))
         ids, mask, labels = supervised_batch(tokenizer, pairs)
@@ -148,7 +146,7 @@ def warm_start(model, tokenizer, steps: int, seed: int, progress: bool = True) -
         opt.step()
         sched.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.note = f"loss {losses[-1]:.3f}"
     model.eval()
     return losses
 
@@ -157,30 +155,18 @@ def ensure_rehearsal_model(cache_dir: str | Path, steps: int | None = None, seed
                            progress: bool = True) -> Path:
     """Path of the warm-started rehearsal model (WARM_START_STEPS unless `steps`), building
     it if it is not cached yet."""
-    import torch
-
     steps = WARM_START_STEPS if steps is None else steps
-    out = Path(cache_dir) / f"tiny-math-{model_key(steps, seed)}"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    rng = np.random.default_rng([seed, 2])
-    corpus_tok = build_tokenizer([""])  # bytes only, with the chat template: renders the corpus
-    corpus = [p + c for p, c in supervised_texts(
-        corpus_tok, word_problems(rng, WARM_START["tokenizer_corpus"]))]
-    tokenizer = build_tokenizer(corpus)
-    model = build_model(tokenizer, seed)
-    losses = warm_start(model, tokenizer, steps, seed, progress)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "build.json").write_text(json.dumps(
-        {"steps": steps, "seed": seed, "final_loss": losses[-1] if losses else None}))
-    try:
-        tmp.rename(out)
-    except OSError:  # another process finished the same build first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    def build():
+        rng = np.random.default_rng([seed, 2])
+        corpus_tok = build_tokenizer([""])  # bytes only, with the chat template: renders the corpus
+        corpus = [p + c for p, c in supervised_texts(
+            corpus_tok, word_problems(rng, WARM_START["tokenizer_corpus"]))]
+        tokenizer = build_tokenizer(corpus)
+        model = build_model(tokenizer, seed)
+        losses = warm_start(model, tokenizer, steps, seed, progress)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        return model, tokenizer, {"steps": steps, "seed": seed,
+                                  "final_loss": losses[-1] if losses else None}
+
+    return ensure_model(Path(cache_dir) / f"tiny-math-{model_key(steps, seed)}", build)
