@@ -21,7 +21,10 @@ Guarantees:
 - A grant issued at learner version v is not started before this actor holds version >= v
   (synchronous mode and actors joining mid-run generate with current weights).
 - Results are never dropped on a busy or absent peer: they wait in bounded outboxes, and the
-  actor stops asking for work while its outbox to the learner is full (back-pressure).
+  actor stops asking for work while its outbox to the learner is full (back-pressure). Bounds:
+  groups for the learner <= 16 + actor.prefetch_grants (no work is requested beyond 16, and
+  at most prefetch_grants are held); messages for the allocator <= one stats report per
+  such group + the newest heartbeat (an unsent heartbeat is replaced, not queued behind).
 """
 
 from __future__ import annotations
@@ -403,6 +406,8 @@ class Actor:
         beat = Heartbeat(sender=self.actor_id, role="actor", sent_at=time.time(),
                          policy_version=io.receiver.version, in_flight=sorted(self.held_ids))
         if not self._try_send(io.alloc, beat):
+            # only the newest heartbeat waits: an allocator away for hours costs one message
+            io.to_alloc = deque(m for m in io.to_alloc if not isinstance(m, Heartbeat))
             io.to_alloc.append(beat)
         self._try_send(io.wsock, io.receiver.hello())  # (re)subscribes after restarts
         if io.member is not None:

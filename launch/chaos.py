@@ -7,7 +7,10 @@ Starts allocator, learner and actors as separate processes (like `dynamo-rl run`
 every `--every` seconds picks one fault: SIGKILL an actor (a replacement starts), SIGSTOP an
 actor for longer than its lease (a partition; then SIGCONT), SIGKILL + restart the
 allocator, SIGKILL + resume the learner from its checkpoint, or SIGSTOP the learner (a slow
-learner). At the end it stops everything and prints what happened, peak RSS per role and
+learner). Every `--rss-every` seconds it records each process's RSS (RUN_DIR/rss.jsonl); the
+report gives, per process that lived through the second half of the run, its RSS there and
+the slope of a line fitted to it (MiB/min), and the size of the learner's grant record. At
+the end it stops everything and prints what happened, peak RSS per role and
 `dynamo-rl audit` of the run (launch/audit.py: nothing trained twice or without being
 issued, every completed group trained, dropped with a reason or counted lost; groups dropped
 and reports refused, by reason); it exits 1 on any violation or if the learner never stepped.
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--every", type=float, default=20.0, help="seconds between faults")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rss-every", type=float, default=10.0, help="seconds between RSS samples")
     args = ap.parse_args(own)
     cfg = load_config(args.config, ["--learner.total_steps", "1000000",
                                     "--learner.checkpoint_every", "5", *overrides])
@@ -67,14 +71,25 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     peak: dict[str, int] = {}
     events: list[str] = []
-    t_end = time.monotonic() + 60 * args.minutes
-    next_fault = time.monotonic() + args.every
+    t0 = time.monotonic()
+    t_end = t0 + 60 * args.minutes
+    next_fault = t0 + args.every
+    next_sample = t0
+    samples = (run_dir / "rss.jsonl").open("w")
     try:
         while time.monotonic() < t_end:
             time.sleep(0.5)
+            sample = time.monotonic() >= next_sample
             for role, cs in (("allocator", [alloc]), ("learner", [learner]), ("actor", actors)):
                 for c in cs:
-                    peak[role] = max(peak.get(role, 0), rss(c.proc.pid))
+                    r = rss(c.proc.pid)
+                    peak[role] = max(peak.get(role, 0), r)
+                    if sample and r:
+                        samples.write(json.dumps({"t": time.monotonic() - t0, "name": c.name,
+                                                  "pid": c.proc.pid, "rss": r}) + "\n")
+            if sample:
+                samples.flush()
+                next_sample += args.rss_every
             for i, a in enumerate(actors):
                 if not a.alive():
                     actors[i] = child("actor", "--index", str(i))
@@ -104,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(15)
                 os.kill(learner.proc.pid, signal.SIGCONT)
     finally:
+        samples.close()
         shutdown([learner], 120)
         shutdown([*actors, alloc], 30)
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -113,9 +129,46 @@ def main(argv: list[str] | None = None) -> int:
         "faults": events, "learner_steps": recs[-1]["step"] if recs else 0,
         "audit": checked["totals"], "violations": checked["violations"],
         "peak_rss_mib": {k: v >> 20 for k, v in peak.items()},
+        "rss_second_half": rss_trend(run_dir / "rss.jsonl", 30 * args.minutes),
+        "grant_record": record_size(run_dir),
     }
     print(json.dumps(report, indent=1))
     return 0 if not checked["violations"] and report["learner_steps"] > 0 else 1
+
+def rss_trend(path, t_from: float) -> dict[str, dict[str, float]]:
+    """Per process alive from t_from to the end: RSS at t_from and at the end (MiB) and the
+    least-squares slope over that span (MiB/min)."""
+    import numpy as np
+
+    series: dict[tuple[str, int], list[tuple[float, int]]] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        series.setdefault((r["name"], r["pid"]), []).append((r["t"], r["rss"]))
+    end = max((t for s in series.values() for t, _ in s), default=0.0)
+    out = {}
+    for (name, pid), pts in sorted(series.items()):
+        late = [(t, v) for t, v in pts if t >= t_from]
+        if len(late) < 3 or pts[0][0] > t_from or late[-1][0] < end - 30:
+            continue  # started after t_from or died before the end: no trend to read
+        t, v = np.array(late).T
+        slope = np.polyfit(t / 60, v / 2**20, 1)[0]
+        out[f"{name} (pid {pid})"] = {"mib_at_start": round(v[0] / 2**20, 1),
+                                      "mib_at_end": round(v[-1] / 2**20, 1),
+                                      "slope_mib_per_min": round(float(slope), 2)}
+    return out
+
+
+def record_size(run_dir) -> dict[str, int]:
+    """Ranges (two ints each) the learner's grant record holds, against the ids it covers."""
+    path = run_dir / "learner_grants.json"
+    if not path.exists():
+        return {}
+    d = json.loads(path.read_text())
+    ranges = len(d["trained"]) + sum(len(v) for v in d["dropped"].values())
+    ids = sum(b - a for a, b in d["trained"]) + sum(
+        b - a for v in d["dropped"].values() for a, b in v)
+    return {"ranges": ranges, "ids": ids}
+
 
 if __name__ == "__main__":
     sys.exit(main())
