@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -24,6 +26,11 @@ class ActorConfig(BaseModel):
     kv_cache_gib: float = Field(0.25, gt=0, description="KV cache size on CPU (GiB)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU memory share")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per actor engine")
+    weight_loader: Literal["packed", "vllm_api"] = Field(
+        "packed", description="how new weights enter the engine: packed (CPU: kernel handles "
+        "packed off the engine thread, swapped in ~1 ms; elsewhere vLLM's in-process reload) "
+        "or vllm_api (vLLM's weight-transfer API on every worker, our broadcast as its "
+        "backend: what tensor_parallel_size > 1 and GPUs need; see docs/WEIGHTS.md)")
     dtype: str = Field(
         "float32", description="engine dtype; float32 on CPU keeps behaviour log-probs equal to "
         "the learner's fp32 recompute, bfloat16 for GPU runs")

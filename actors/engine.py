@@ -15,6 +15,11 @@ Guarantees:
   correct for the mixed context.
 - Outputs are only materialised when a group finishes (FINAL_ONLY): the per-token versions
   come from the token counts recorded at each weight swap, not from per-step outputs.
+- `weight_loader = "vllm_api"` loads every version through vLLM's weight-transfer API instead
+  (`collective_rpc` of start / update / finish_weight_update on every worker, our backend
+  `actors/transfer_engine.py`): the path for tensor parallelism and GPUs. Broadcast versions
+  are then received by the workers themselves, on the engine thread (the engine pauses for
+  the transfer and the load); the version stamps and prefix-cache salting are the same.
 """
 
 from __future__ import annotations
@@ -37,6 +42,34 @@ def configure_vllm_env(kv_cache_gib: float) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+WEIGHT_LOADERS = ("packed", "vllm_api")
+
+
+def check_weight_loader(weight_loader: str, tensor_parallel_size: int) -> None:
+    """Refuses a weight loader that cannot reach the engine's workers."""
+    if weight_loader not in WEIGHT_LOADERS:
+        raise ValueError(f"actor.weight_loader = {weight_loader!r}: expected one of "
+                         f"{', '.join(WEIGHT_LOADERS)}")
+    if tensor_parallel_size > 1 and weight_loader != "vllm_api":
+        # vLLM then runs a worker process per GPU: the in-process reload and the packed swap
+        # cannot reach them; vLLM's weight-transfer API (collective_rpc) does.
+        raise ValueError(f"actor.tensor_parallel_size = {tensor_parallel_size} needs "
+                         f"actor.weight_loader = \"vllm_api\" (got {weight_loader!r}): the "
+                         "packed swap and the in-process reload reach one in-process worker only")
+
+
+def refresh_tied_lm_head(model: torch.nn.Module) -> None:
+    """A tied LM head receives no tensor of its own in a reload, so vLLM puts its old
+    kernel-format weights back (on CPU a pre-packed GEMM of the *old* embedding). Re-run its
+    post-load processing so the logits use the new embedding."""
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or embed is None or getattr(head, "weight", None) is None:
+        return
+    if head.weight.data_ptr() == embed.weight.data_ptr():
+        head.quant_method.process_weights_after_loading(head)
 
 
 @dataclass(slots=True)
@@ -67,18 +100,22 @@ class Engine:
                  temperature: float, top_p: float, seed: int, kv_cache_gib: float,
                  dtype: str = "float32",
                  gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1,
-                 enforce_eager: bool = True, block_size: int | None = None) -> None:
-        if tensor_parallel_size > 1:
-            # vLLM then runs a worker process per GPU: the in-process reload and the packed
-            # swap cannot reach them (they need vLLM's weight-transfer API across workers).
-            raise ValueError(f"actor.tensor_parallel_size = {tensor_parallel_size} is not "
-                             "supported: in-place weight updates reach one in-process worker "
-                             "only; run one engine per GPU (tensor_parallel_size = 1)")
+                 enforce_eager: bool = True, block_size: int | None = None,
+                 weight_loader: str = "packed") -> None:
+        check_weight_loader(weight_loader, tensor_parallel_size)
         configure_vllm_env(kv_cache_gib)
         from vllm import LLM, SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         kwargs: dict = {} if block_size is None else {"block_size": block_size}
+        self.weight_loader = weight_loader
+        if weight_loader == "vllm_api":
+            from vllm.config import WeightTransferConfig
+
+            from actors.vllm_plugin import BACKEND, register
+
+            register()  # the in-process worker's factory (TP workers load the entry point)
+            kwargs["weight_transfer_config"] = WeightTransferConfig(backend=BACKEND)
         if not torch.cuda.is_available():
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         else:
@@ -153,8 +190,11 @@ class Engine:
         """Make new weights ready to swap in. Safe on any thread while the engine generates:
         on CPU it packs the new kernel handles without touching the live model (see
         `actors/kernel_swap.py`); where that does not apply (GPU, tensor parallelism,
-        quantization, unknown names) `apply_weights` runs vLLM's in-place reload instead.
+        quantization, unknown names) `apply_weights` runs vLLM's in-place reload instead, and
+        with `weight_loader = "vllm_api"` vLLM's weight-transfer API.
         The tensors must stay untouched until `apply_weights`."""
+        if self.weight_loader == "vllm_api":
+            return Update(tensors, None)
         metas = [(n, tuple(t.shape), t.dtype) for n, t in tensors]
         if metas != self._swap_metas and not self.use_vllm_reload:
             self._swap, self._swap_metas = None, metas  # first version, or another layout
@@ -177,15 +217,53 @@ class Engine:
 
     def apply_weights(self, update: Update, version: int) -> None:
         """Swap prepared weights in, between steps, and stamp `version` on every later token."""
+        if self.weight_loader == "vllm_api":
+            self._load_through_api({"version": version, "inline": update.tensors})
+            self._swapped(version)
+            return
         self._record_swap(version)
         if update.prepared is not None:
             KernelSwap.swap(update.prepared)
         else:
             worker = self.engine.model_executor.driver_worker.worker
             worker.reload_weights(weights_iterator=iter(update.tensors))
-            self._refresh_tied_lm_head(worker.model_runner.model)
+            refresh_tied_lm_head(worker.model_runner.model)
         self._swaps += 1  # new requests no longer match prompt KV cached under old weights
         if not self.busy():  # possible only when idle; frees the stale blocks at once
+            self.llm.reset_prefix_cache()
+        self.version = version
+
+    # ------------------------------------------------ vLLM's weight-transfer API (vllm_api)
+    def join_weight_group(self, init_info: dict) -> None:
+        """Every worker joins the learner's broadcast group (a `ChainInitInfo` as a dict);
+        blocks until the group formed, raises if it did not."""
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": init_info})
+
+    def receive_weights(self, update_info: dict, version: int) -> None:
+        """Every worker receives one broadcast version (a `ChainUpdateInfo` as a dict) and
+        loads it; later tokens carry `version`. Raises if it did not arrive whole, and then
+        the engine still holds the weights it had."""
+        self._load_through_api(update_info)
+        self._swapped(version)
+
+    def _load_through_api(self, update_info: dict) -> None:
+        if self.weight_loader != "vllm_api":
+            raise RuntimeError("weights come through vLLM's weight-transfer API only with "
+                               "actor.weight_loader = \"vllm_api\" (the engine was built without "
+                               "its weight-transfer backend)")
+        self.llm.collective_rpc("start_weight_update")
+        # On failure vLLM's workers close the session themselves (no finish_weight_update)
+        # and ours left the model untouched.
+        self.llm.collective_rpc("update_weights", kwargs={"update_info": update_info})
+        self.llm.collective_rpc("finish_weight_update")
+
+    def _swapped(self, version: int) -> None:
+        """After new weights went in between two steps: stamp `version` on later tokens (the
+        token counts recorded now are those at the swap: no step ran during it) and stop
+        new requests from matching prompt KV cached under the old weights."""
+        self._record_swap(version)
+        self._swaps += 1
+        if not self.busy():
             self.llm.reset_prefix_cache()
         self.version = version
 
@@ -198,24 +276,15 @@ class Engine:
 
     def holds_memory_of(self, buf: bytearray) -> bool:
         """Whether any engine tensor lives inside `buf` (then it must never be reused). vLLM's
-        loaders copy into their own tensors; this checks that instead of assuming it."""
+        loaders copy into their own tensors; this checks that instead of assuming it. Workers
+        in other processes (tensor parallelism) cannot hold this process's memory."""
+        if getattr(self.engine.model_executor, "driver_worker", None) is None:
+            return False
         lo = torch.frombuffer(buf, dtype=torch.uint8).data_ptr() if len(buf) else 0
         hi = lo + len(buf)
         model = self._model()
         return any(lo <= t.data_ptr() < hi
                    for t in (*model.parameters(), *model.buffers()))
-
-    @staticmethod
-    def _refresh_tied_lm_head(model) -> None:
-        """A tied LM head receives no tensor of its own in a reload, so vLLM puts its old
-        kernel-format weights back (on CPU a pre-packed GEMM of the *old* embedding). Re-run
-        its post-load processing so the logits use the new embedding."""
-        head = getattr(model, "lm_head", None)
-        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-        if head is None or embed is None or getattr(head, "weight", None) is None:
-            return
-        if head.weight.data_ptr() == embed.weight.data_ptr():
-            head.quant_method.process_weights_after_loading(head)
 
     def abort(self, request_ids: list[str]) -> None:
         self.engine.abort_request(request_ids)

@@ -70,6 +70,7 @@ from tasks.scoring import Verifier
 from telemetry.spans import close_trace, now_ns, open_trace, record
 
 if TYPE_CHECKING:
+    from actors.api_member import ApiMember
     from protocol.broadcast import BroadcastMember
 
 log = logging.getLogger("dynamo.actor")
@@ -93,7 +94,7 @@ class _IoState:
     push: zmq.Socket  # scored groups to the learner
     wsock: zmq.Socket  # the weight publisher
     receiver: WeightReceiver
-    member: BroadcastMember | None
+    member: BroadcastMember | ApiMember | None
     poller: zmq.Poller
     metrics_f: TextIO | None
     to_learner: deque[RolloutGroup] = field(default_factory=deque)
@@ -131,7 +132,7 @@ class Actor:
                              dtype=cfg.dtype,
                              gpu_memory_utilization=cfg.gpu_memory_utilization,
                              tensor_parallel_size=cfg.tensor_parallel_size,
-                             enforce_eager=cfg.enforce_eager)
+                             enforce_eager=cfg.enforce_eager, weight_loader=cfg.weight_loader)
         self.tokenizer = self.engine.tokenizer
         self.prompt_format = resolved_prompt_format(task)
         # Fails here, not at the first grant, when the format cannot be built (chat template).
@@ -204,6 +205,7 @@ class Actor:
             phase[2] += 1
 
         while not self.stop.is_set():
+            max_applied = max(max_applied, self._serve_api_member())
             latest = None
             while True:
                 try:
@@ -267,6 +269,24 @@ class Actor:
                 self.engine_idle_s += (now_ns() - t) / 1e9
         enter(None, now_ns())
 
+    def _serve_api_member(self) -> int:
+        """With actor.weight_loader = "vllm_api" and the broadcast backend: group joins and
+        broadcast versions, carried out by the engine's workers between two steps. Returns
+        the newest version applied (0: none)."""
+        member = self.member
+        if member is None or not hasattr(member, "serve"):
+            return 0
+        t = now_ns()
+        applied = member.serve()
+        for version, seconds in applied:
+            record("apply_weights", t, now_ns(), version=version, via="vllm_api")
+            self.weights_s += seconds
+            self.counters["weight_updates"] += 1
+            self.counters["weights_vllm_api"] += 1
+            log.info("received and applied weights v%d by broadcast through vLLM's API in "
+                     "%.3fs at %.6f", version, seconds, time.time())
+        return max((v for v, _ in applied), default=0)
+
     # ================================================================ weights thread
     def _weights_loop(self) -> None:
         """Prepares each complete version (the newest, when several arrived meanwhile) for the
@@ -291,6 +311,7 @@ class Actor:
             t = now_ns()
             update = self.engine.prepare_weights(tensors)
             self.counters["weights_packed" if update.prepared is not None
+                          else "weights_vllm_api" if self.engine.weight_loader == "vllm_api"
                           else "weights_vllm_reload"] += 1
             t_end = now_ns()
             record("prepare_weights", t, t_end, version=version)
@@ -507,6 +528,10 @@ class Actor:
 
         host, port = self.endpoints.weights.removeprefix("tcp://").rsplit(":", 1)
         try:
+            if self.cfg.weight_loader == "vllm_api":  # the engine's workers join and receive
+                from actors.api_member import ApiMember
+
+                return ApiMember(receiver, self.engine, host, int(port))
             return BroadcastMember(receiver, self.received, host, int(port))
         except Exception as e:  # noqa: BLE001 - e.g. no route: ZeroMQ still carries weights
             log.warning("weights broadcast unavailable here (%s): weights come over ZeroMQ", e)

