@@ -18,7 +18,7 @@ import zmq
 from launch.ports import free_ports
 from protocol.messages import LearnerProgress, RolloutGroup
 from protocol.sockets import SocketOptions, open_socket, recv, send
-from protocol.weights import WeightPublisher
+from protocol.weights import BroadcastSettings, WeightPublisher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -154,7 +154,12 @@ class LearnerStandIn:
                                  bind=True, options=SocketOptions(sndhwm=256))
         self.alloc = open_socket(self.ctx, zmq.DEALER, f"tcp://127.0.0.1:{net.allocator_port}",
                                  bind=False)
-        self.publisher = WeightPublisher(self.wsock)
+        # the broadcast backend when the config asks for it (rendezvous on loopback)
+        broadcast = BroadcastSettings(
+            host="127.0.0.1", port=net.weights_group_port, timeout_s=net.broadcast_timeout_s,
+            chunk_bytes=int(net.broadcast_chunk_mib * (1 << 20))) \
+            if net.weights_backend == "broadcast" else None
+        self.publisher = WeightPublisher(self.wsock, broadcast=broadcast)
         self.groups: list[tuple[float, RolloutGroup]] = []
         self.version = 0
         self.gate = gate
