@@ -10,7 +10,9 @@ Four threads; the sockets are all owned by the I/O thread:
 - the I/O thread talks to the allocator (requests work ahead of need, reports stats,
   heartbeats), the learner (pushes scored groups) and the weight publisher;
 - the weights thread prepares each complete version (on CPU: packs its kernel handles) while
-  the engine goes on generating with the old one.
+  the engine goes on generating with the old one. With actor.weight_loader = "vllm_api" the
+  engine thread itself loads versions through vLLM's weight-transfer API, and with the
+  broadcast backend its workers join the group and receive (`actors/api_member.py`).
 So generation never waits on a network round-trip, a verifier or a weight repack, and
 heartbeats and weight acknowledgements never wait on a step or a verifier.
 
