@@ -8,8 +8,8 @@ every `--every` seconds picks one fault: SIGKILL an actor (a replacement starts)
 actor for longer than its lease (a partition; then SIGCONT), SIGKILL + restart the
 allocator, SIGKILL + resume the learner from its checkpoint, or SIGSTOP the learner (a slow
 learner). Every `--rss-every` seconds it records each process's RSS (RUN_DIR/rss.jsonl); the
-report gives, per process that lived through the second half of the run, its RSS there and
-the slope of a line fitted to it (MiB/min), and the size of the learner's grant record. At
+report gives, per process that lived long enough, its RSS after start-up and at the end and
+the slope of a line fitted in between (MiB/min), and the size of the learner's grant record. At
 the end it stops everything and prints what happened, peak RSS per role and
 `dynamo-rl audit` of the run (launch/audit.py: nothing trained twice or without being
 issued, every completed group trained, dropped with a reason or counted lost; groups dropped
@@ -45,8 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--every", type=float, default=20.0, help="seconds between faults")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--faults", default=",".join(FAULTS),
+                    help=f"comma-separated subset of {', '.join(FAULTS)}")
     ap.add_argument("--rss-every", type=float, default=10.0, help="seconds between RSS samples")
     args = ap.parse_args(own)
+    faults = args.faults.split(",")
+    if not set(faults) <= set(FAULTS):
+        ap.error(f"--faults: unknown {sorted(set(faults) - set(FAULTS))}; known: {FAULTS}")
     cfg = load_config(args.config, ["--learner.total_steps", "1000000",
                                     "--learner.checkpoint_every", "5", *overrides])
     run_dir = cfg.run_dir
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() < next_fault:
                 continue
             next_fault = time.monotonic() + args.every
-            fault = rng.choice(FAULTS)
+            fault = rng.choice(faults)
             events.append(f"{time.strftime('%H:%M:%S')} {fault}")
             print(f"[chaos] {events[-1]}", flush=True)
             if fault == "kill_actor":
@@ -129,30 +134,32 @@ def main(argv: list[str] | None = None) -> int:
         "faults": events, "learner_steps": recs[-1]["step"] if recs else 0,
         "audit": checked["totals"], "violations": checked["violations"],
         "peak_rss_mib": {k: v >> 20 for k, v in peak.items()},
-        "rss_second_half": rss_trend(run_dir / "rss.jsonl", 30 * args.minutes),
+        "rss_trend": rss_trend(run_dir / "rss.jsonl"),
         "grant_record": record_size(run_dir),
     }
     print(json.dumps(report, indent=1))
     return 0 if not checked["violations"] and report["learner_steps"] > 0 else 1
 
-def rss_trend(path, t_from: float) -> dict[str, dict[str, float]]:
-    """Per process alive from t_from to the end: RSS at t_from and at the end (MiB) and the
-    least-squares slope over that span (MiB/min)."""
+def rss_trend(path, warm_s: float = 120.0, min_span_s: float = 180.0
+              ) -> dict[str, dict[str, float]]:
+    """Per process (a restarted one is a new process) that lived at least warm_s + min_span_s:
+    RSS after its first warm_s seconds (start-up, first batches) and at its last sample (MiB),
+    and the least-squares slope in between (MiB/min)."""
     import numpy as np
 
     series: dict[tuple[str, int], list[tuple[float, int]]] = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)
         series.setdefault((r["name"], r["pid"]), []).append((r["t"], r["rss"]))
-    end = max((t for s in series.values() for t, _ in s), default=0.0)
     out = {}
     for (name, pid), pts in sorted(series.items()):
-        late = [(t, v) for t, v in pts if t >= t_from]
-        if len(late) < 3 or pts[0][0] > t_from or late[-1][0] < end - 30:
-            continue  # started after t_from or died before the end: no trend to read
+        late = [(t, v) for t, v in pts if t >= pts[0][0] + warm_s]
+        if len(late) < 3 or late[-1][0] - late[0][0] < min_span_s:
+            continue
         t, v = np.array(late).T
         slope = np.polyfit(t / 60, v / 2**20, 1)[0]
-        out[f"{name} (pid {pid})"] = {"mib_at_start": round(v[0] / 2**20, 1),
+        out[f"{name} (pid {pid})"] = {"minutes": round((t[-1] - t[0]) / 60, 1),
+                                      "mib_at_start": round(v[0] / 2**20, 1),
                                       "mib_at_end": round(v[-1] / 2**20, 1),
                                       "slope_mib_per_min": round(float(slope), 2)}
     return out
