@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--faults", default=",".join(FAULTS),
                     help=f"comma-separated subset of {', '.join(FAULTS)}")
     ap.add_argument("--rss-every", type=float, default=10.0, help="seconds between RSS samples")
+    ap.add_argument("--rss-warm", type=float, default=300.0,
+                    help="seconds of each process's life left out of its RSS trend (start-up, "
+                    "the engine's caches filling)")
     args = ap.parse_args(own)
     faults = args.faults.split(",")
     if not set(faults) <= set(FAULTS):
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "faults": events, "learner_steps": recs[-1]["step"] if recs else 0,
         "audit": checked["totals"], "violations": checked["violations"],
         "peak_rss_mib": {k: v >> 20 for k, v in peak.items()},
-        "rss_trend": rss_trend(run_dir / "rss.jsonl"),
+        "rss_trend": rss_trend(run_dir / "rss.jsonl", warm_s=args.rss_warm),
         "grant_record": record_size(run_dir),
     }
     print(json.dumps(report, indent=1))

@@ -1,8 +1,9 @@
 """The opt-in soak (`-m slow`; DYNAMO_SOAK_MINUTES, default 15): the real stack with two
 actors and a fault a minute (launch/chaos.py: killed or partitioned actors, a restarted
 allocator, a learner killed and resumed or stopped), then the exactly-once audit, and every
-process's RSS from the kernel (/proc/PID/status, sampled every 10 s): after its first two
-minutes, no process that lived three minutes or more grows by more than 2 MiB a minute."""
+process's RSS from the kernel (/proc/PID/status, sampled every 10 s): after its first five
+minutes, no process that lived three minutes more grows by more than 2 MiB a minute.
+Today the actors fail it: oneDNN's primitive cache is still filling (docs/GUARANTEES.md)."""
 
 from __future__ import annotations
 
