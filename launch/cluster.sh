@@ -101,7 +101,6 @@ q() {
 run_child() {
     # The environment `dynamo-rl run` gives its children (launch/local.py, child_env).
     export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
-    export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/dynamo-rl/torch_extensions}
     exec 3<&0 </dev/null
     setsid "$@" 3<&- &
     local pid=$! rc=0 watcher

@@ -86,8 +86,6 @@ def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("TORCH_EXTENSIONS_DIR",
-                   str(Path.home() / ".cache" / "dynamo-rl" / "torch_extensions"))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

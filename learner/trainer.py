@@ -32,6 +32,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -73,6 +74,10 @@ def init_distributed() -> tuple[int, int]:
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
                  ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(k, v)
+    # DeepSpeed's JIT-built ops, per Python environment: two environments sharing one build
+    # directory rebuild it in turn, and a build killed half-way there leaves a lock file on
+    # which every later learner would wait for ever.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     if "MASTER_PORT" not in os.environ:
         from launch.ports import free_ports
 

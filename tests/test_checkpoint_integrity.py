@@ -71,8 +71,7 @@ def trainer(tiny_model):
     from learner.trainer import Trainer, init_distributed
 
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_ports(1)[0]), "DS_ACCELERATOR": "cpu",
-           "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache/dynamo-rl/torch_extensions")}
+           "MASTER_PORT": str(free_ports(1)[0]), "DS_ACCELERATOR": "cpu"}
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
