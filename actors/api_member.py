@@ -23,7 +23,7 @@ import queue
 import time
 from collections import Counter
 
-from protocol.broadcast import local_address_towards
+from protocol.broadcast import answer_join, local_address_towards
 from protocol.messages import WeightAck, WeightBroadcast, WeightGroupJoin, WeightGroupReady
 
 log = logging.getLogger("dynamo.actor")
@@ -82,16 +82,8 @@ class ApiMember:
         return applied
 
     def _join(self, msg: WeightGroupJoin) -> None:
-        try:
-            self.engine.join_weight_group(init_info(msg, self.local_host))
-            self.counters["groups_joined"] += 1
-            ok = True
-        except Exception as e:  # noqa: BLE001 - any failure: stay on the ZeroMQ path
-            self.counters["group_join_failures"] += 1
-            log.warning("could not join weight broadcast group %d: %s", msg.epoch, e)
-            ok = False
-        self.outbox.put(WeightGroupReady(actor_id=self.receiver.actor_id, epoch=msg.epoch,
-                                         ok=ok))
+        answer_join(self, msg,
+                    lambda: self.engine.join_weight_group(init_info(msg, self.local_host)))
 
     def _receive(self, msg: WeightBroadcast) -> bool:
         try:

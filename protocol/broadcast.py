@@ -100,6 +100,21 @@ def chain_broadcast(pg, chunks: list[torch.Tensor], rank: int, world: int, timeo
         sends.popleft().wait(timeout)
 
 
+def answer_join(member, msg: WeightGroupJoin, join) -> None:
+    """Run `join()` for group `msg.epoch` and queue the member's `WeightGroupReady`; any
+    failure is counted and logged, and the member stays on the ZeroMQ path."""
+    try:
+        join()
+        member.counters["groups_joined"] += 1
+        ok = True
+    except Exception as e:  # noqa: BLE001 - any failure: stay on the ZeroMQ path
+        member.counters["group_join_failures"] += 1
+        log.warning("could not join weight broadcast group %d: %s", msg.epoch, e)
+        ok = False
+    member.outbox.put(WeightGroupReady(actor_id=member.receiver.actor_id, epoch=msg.epoch,
+                                       ok=ok))
+
+
 class BroadcastMember:
     """Actor side: a thread that joins groups and receives broadcast versions.
 
@@ -147,7 +162,8 @@ class BroadcastMember:
 
     def _join(self, msg: WeightGroupJoin) -> None:
         self._pg = None
-        try:
+
+        def join() -> None:
             store = torch.distributed.TCPStore(
                 msg.host, msg.port, msg.world, is_master=False,
                 timeout=datetime.timedelta(seconds=msg.timeout_s))
@@ -155,14 +171,8 @@ class BroadcastMember:
                                   msg.timeout_s)
             self._epoch, self._rank, self._world = msg.epoch, msg.rank, msg.world
             self._timeout_s = msg.timeout_s
-            self.counters["groups_joined"] += 1
-            ok = True
-        except Exception as e:  # noqa: BLE001 - any failure: stay on the ZeroMQ path
-            self.counters["group_join_failures"] += 1
-            log.warning("could not join weight broadcast group %d: %s", msg.epoch, e)
-            ok = False
-        self.outbox.put(WeightGroupReady(actor_id=self.receiver.actor_id, epoch=msg.epoch,
-                                         ok=ok))
+
+        answer_join(self, msg, join)
 
     def _receive(self, msg: WeightBroadcast) -> None:
         pg = self._pg
