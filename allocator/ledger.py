@@ -19,7 +19,9 @@ Invariants:
 - Learner progress: the learner's consumed count never goes backwards and its version never
   exceeds what its consumed count allows (updates_per_batch per prompts_per_step groups),
   except that a new learner `session` (a restarted learner) may restart from a smaller count;
-  anything else is refused and counted (`progress_refused_*`) and changes nothing.
+  anything else is refused and counted (`progress_refused_*`) and changes nothing. A new
+  session settles the old one's account: groups received beyond the count it restarts from
+  are counted lost (`groups_lost_to_learner_restart`) and leave the pacing window.
 - Pacing: groups issued but not yet consumed by the learner never exceed a window of
   W = max(max_staleness // U, 1) batches of prompts_per_step groups, where U =
   updates_per_batch is the number of optimizer updates (policy versions) one batch can take.
@@ -243,15 +245,18 @@ class Ledger:
             if version < self.learner_version:
                 return self._refuse("version_regression")
         self.learner_session = session
-        if restart and consumed_groups < self.consumed_groups:
-            # The learner restarted from a checkpoint. Groups it received after that
-            # checkpoint are gone with it: stop counting them as outstanding (or the pacing
-            # window would stay full forever) and count them as lost.
+        if restart:
+            # The learner restarted from a checkpoint. Groups received after that checkpoint
+            # are gone with the old process: stop counting them as outstanding (or the pacing
+            # window would stay full forever) and count them as lost. This holds whatever the
+            # count it restarts from: a learner killed after sending receipts and before its
+            # next step's progress resumes from the very count this ledger holds, and the
+            # groups it had received are gone all the same.
             lost = max(0, self.received_groups - consumed_groups)
             self.counters["groups_lost_to_learner_restart"] += lost
             self.counters["learner_restarts"] += 1
             self.issued_groups -= lost
-            self.received_groups = consumed_groups
+            self.received_groups = min(self.received_groups, consumed_groups)
             self.learner_version = version
             self.consumed_groups = consumed_groups
             return "restart"

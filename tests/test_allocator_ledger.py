@@ -231,13 +231,16 @@ def test_a_restarted_learner_reopens_the_pacing_window_and_lost_groups_are_count
         led.report(report_of(g))
         led.receipts([g.grant_id])
     assert isinstance(led.request("a", 1, 0.0), NoWork)
-    # resumed from the step-1 checkpoint: same count, but the 4 it had received are gone
-    assert led.progress(version=1, consumed_groups=4, session=2) == "accepted"
-    assert isinstance(led.request("a", 1, 0.0), NoWork)  # not a regression: same count
-    assert led.progress(version=0, consumed_groups=0, session=3) == "restart"  # from scratch
-    assert led.counters["groups_lost_to_learner_restart"] == 8
-    assert (led.learner_version, led.consumed_groups) == (0, 0)
+    # resumed from the step-1 checkpoint: the very count the ledger holds, yet the 4 groups
+    # the dead learner had received are gone with it
+    assert led.progress(version=1, consumed_groups=4, session=2) == "restart"
+    assert led.counters["groups_lost_to_learner_restart"] == 4
     assert len(grants(led, 4)) == 4  # the window is open again
+    assert led.progress(version=0, consumed_groups=0, session=3) == "restart"  # from scratch
+    # from scratch: the 4 groups the step-1 checkpoint had trained on are lost too
+    assert led.counters["groups_lost_to_learner_restart"] == 8
+    assert led.counters["learner_restarts"] == 2
+    assert (led.learner_version, led.consumed_groups) == (0, 0)
 
 
 def test_learner_progress_that_cannot_be_true_is_refused_and_changes_nothing() -> None:

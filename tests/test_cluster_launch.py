@@ -328,6 +328,7 @@ exec cp -p ${{paths[@]:0:${{#paths[@]}}-1}} "${{paths[-1]}}"
     assert proc.returncode == 143
 
 
+@pytest.mark.slow  # 33 s; cluster.sh across hosts: test_cluster_netns.py
 def test_single_host_run_trains_and_leaves_no_process(tmp_path, tiny_model):
     """The real stack on this machine only: allocator, learner (learner-node), vLLM CPU actor."""
     hosts = tmp_path / "hosts"

@@ -138,6 +138,7 @@ def last_record(path: Path) -> dict:
     return json.loads(lines[-1]) if lines else {}
 
 
+@pytest.mark.slow  # 66 s; the catch-up itself: test_weights_broadcast.py
 def test_actor_joining_mid_run_generates_only_with_current_weights(stack_factory):
     s = stack_factory()
     wait_for(lambda: last_step(s.run_dir) >= 4, 300, "four learner steps")
@@ -197,6 +198,7 @@ def test_stopped_actor_is_partitioned_its_work_reissued_and_late_results_ignored
     assert totals["allocator_counters"]["leases_expired"] >= 1
 
 
+@pytest.mark.slow  # 53 s
 def test_stopped_learner_back_pressures_actors_with_bounded_memory(stack_factory):
     s = stack_factory(actors=1)
     wait_for(lambda: last_step(s.run_dir) >= 2, 300, "two learner steps")

@@ -200,7 +200,7 @@ def test_an_actor_key_cannot_move_the_allocators_view_of_the_learner(tiny_model,
 
 def test_codec_survives_coverage_guided_fuzzing(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "tests/fuzz/fuzz_codec.py"),
-                        "--seed-corpus", str(tmp_path / "corpus"), "-max_total_time=20",
+                        "--seed-corpus", str(tmp_path / "corpus"), "-max_total_time=8",
                         "-rss_limit_mb=2048", str(tmp_path / "corpus")],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, make_config, wait_for
 
 
@@ -64,6 +65,7 @@ def test_dead_actor_is_restarted_and_sigterm_stops_with_a_final_checkpoint(tiny_
     assert pids(str(run_dir)) == []
 
 
+@pytest.mark.slow  # 25 s
 def test_dead_learner_ends_the_run_naming_it(tiny_model, tmp_path):
     run_dir = tmp_path / "run"
     proc = start(config(run_dir, tiny_model, 10_000))
