@@ -33,7 +33,7 @@ def init_info(msg: WeightGroupJoin, local_host: str) -> dict:
     """The `ChainInitInfo` of a join, as the dict `init_weight_transfer_engine` takes."""
     return {"host": msg.host, "port": msg.port, "epoch": msg.epoch, "rank": msg.rank,
             "world": msg.world, "timeout_s": msg.timeout_s, "local_host": local_host,
-            "ranks": 1}
+            "ranks": msg.ranks}
 
 
 def update_info(msg: WeightBroadcast) -> dict:
@@ -56,7 +56,9 @@ class ApiMember:
         self._closed = False
 
     def offer(self) -> WeightGroupReady:
-        return WeightGroupReady(actor_id=self.receiver.actor_id, epoch=0, ok=True)
+        """Each worker of the engine takes a chain rank of its own."""
+        return WeightGroupReady(actor_id=self.receiver.actor_id, epoch=0, ok=True,
+                                ranks=self.engine.tensor_parallel_size)
 
     def submit(self, msg: WeightGroupJoin | WeightBroadcast) -> None:
         self._in.put(msg)

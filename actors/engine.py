@@ -47,6 +47,40 @@ def configure_vllm_env(kv_cache_gib: float) -> None:
 WEIGHT_LOADERS = ("packed", "vllm_api")
 
 
+def cpu_tensor_parallel_binding(tensor_parallel_size: int, current: str | None) -> str:
+    """vLLM CPU's thread binding for a tensor-parallel engine: one `|`-separated core list
+    per worker (`VLLM_CPU_OMP_THREADS_BIND`). The cores are those already given to this actor
+    (a plain list from the launcher, else the process's affinity), split into equal
+    contiguous parts; a list that is already split is kept. vLLM's own "auto" binding wants a
+    NUMA node per worker, which one-socket machines do not have."""
+    if current and "|" in current:
+        return current
+    if current and current not in ("auto", "nobind"):
+        cores = [c for part in current.split(",") for c in (
+            range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))]
+    else:
+        cores = sorted(os.sched_getaffinity(0))
+    tp = tensor_parallel_size
+    if len(cores) < tp:
+        raise ValueError(f"actor.tensor_parallel_size = {tp} needs at least {tp} CPU cores "
+                         f"(one per worker); this actor has {len(cores)}: {cores}")
+    per = len(cores) // tp
+    return "|".join(",".join(str(c) for c in cores[i * per:(i + 1) * per]) for i in range(tp))
+
+
+def check_plugin_installed() -> None:
+    """Tensor-parallel workers are processes of their own: vLLM finds our weight-transfer
+    backend there only through the installed `vllm.general_plugins` entry point."""
+    from importlib.metadata import entry_points
+
+    if not any(e.value == "actors.vllm_plugin:register"
+               for e in entry_points(group="vllm.general_plugins")):
+        raise RuntimeError("actor.tensor_parallel_size > 1: the `vllm.general_plugins` entry "
+                           "point of dynamo-rl is not installed, so vLLM's worker processes "
+                           "cannot find our weight-transfer backend; run ./bootstrap.sh (or "
+                           "pip install -e .)")
+
+
 def check_weight_loader(weight_loader: str, tensor_parallel_size: int) -> None:
     """Refuses a weight loader that cannot reach the engine's workers."""
     if weight_loader not in WEIGHT_LOADERS:
@@ -109,6 +143,12 @@ class Engine:
 
         kwargs: dict = {} if block_size is None else {"block_size": block_size}
         self.weight_loader = weight_loader
+        self.tensor_parallel_size = tensor_parallel_size
+        if tensor_parallel_size > 1:
+            check_plugin_installed()
+            if not torch.cuda.is_available():
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_tensor_parallel_binding(
+                    tensor_parallel_size, os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
         if weight_loader == "vllm_api":
             from vllm.config import WeightTransferConfig
 

@@ -34,8 +34,9 @@ Options:
                         the learner nodes)
   --gpus-per-node G     GPUs per node (default: SLURM_GPUS_ON_NODE under Slurm); `slots=N`
                         in the host file overrides it for that host
-  --actor-tp T          GPUs per actor (vLLM tensor parallel size; only 1 is supported:
-                        in-place weight updates reach one in-process engine worker)
+  --actor-tp T          GPUs per actor (vLLM tensor parallel size, default 1); T > 1 loads
+                        weights through vLLM's weight-transfer API in every worker
+                        (actor.weight_loader = vllm_api)
   --separate-allocator  the allocator on a host of its own (default: beside learner rank 0,
                         which wastes no node on it)
   --weights-backend B   zmq (default) or broadcast: how weights reach the actors
@@ -169,8 +170,8 @@ posint --learner-nodes "$learner_nodes"
 [[ -z $actor_nodes ]] || posint --actor-nodes "$actor_nodes"
 [[ -z $gpus ]] || posint --gpus-per-node "$gpus"
 posint --actor-tp "$tp"
-((tp == 1)) || die "--actor-tp $tp: tensor parallelism is not supported (in-place weight" \
-    "updates reach one in-process engine worker); run one actor per GPU (--actor-tp 1)"
+tp_args=()  # the packed swap and the in-process reload reach one in-process worker only
+((tp == 1)) || tp_args=(--actor.weight_loader vllm_api)
 case $backend in
     "") ;;
     zmq|broadcast) passthrough+=(--network.weights_backend "$backend") ;;
@@ -443,7 +444,7 @@ for i in "${actor_ix[@]}"; do
         start "actor$index" "${hosts[$i]}" "$lifelines/others" \
             env "CUDA_VISIBLE_DEVICES=$devices" "${net_env[@]}" \
             "${cli[@]}" actor "$config" --index "$index" "${overrides[@]}" \
-            --actor.tensor_parallel_size "$tp" "${actor_net[@]}"
+            --actor.tensor_parallel_size "$tp" "${tp_args[@]}" "${actor_net[@]}"
         actor_names+=("actor$index")
         index=$((index + 1))
     done

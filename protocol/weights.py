@@ -56,6 +56,7 @@ class _Peer:
     acked: int = 0  # chunks acknowledged of `version`
     last_seen: float = 0.0
     offered: bool = False  # can join a broadcast group
+    ranks: int = 1  # chain ranks its engine's workers take (its tensor-parallel size)
     retry_after: float = 0.0  # left out of broadcast groups until then (failed to join)
     broadcasting: bool = False  # receives the latest version by broadcast: no chunks
 
@@ -104,7 +105,7 @@ class WeightPublisher:
         if broadcast is not None:
             self._store = listening_store(broadcast.bind_host or broadcast.host, broadcast.port,
                                           timeout_s=broadcast.timeout_s)
-            self._pg, self._members, self._epoch = None, [], 0
+            self._pg, self._members, self._epoch, self._world = None, [], 0, 1
             self._joined: dict[bytes, bool] = {}
             self._bcast_thread = threading.Thread(target=self._broadcast_loop,
                                                   name="weight-broadcast", daemon=True)
@@ -242,6 +243,7 @@ class WeightPublisher:
                     self.counters["group_ready_ignored"] += 1
                 elif msg.epoch == 0:
                     p.offered = True  # an offer: it joins at the next group epoch
+                    p.ranks = msg.ranks
                 else:
                     self._joined[ident] = msg.ok
                 continue
@@ -307,7 +309,7 @@ class WeightPublisher:
                 if torch.cuda.is_available() else torch.device("cpu")
             try:
                 chain_broadcast(self._pg, chunk_views(blob, cfg.chunk_bytes, device), 0,
-                                len(members) + 1, cfg.timeout_s)
+                                self._world, cfg.timeout_s)
                 ok = True
             except Exception as e:  # noqa: BLE001 - a member died or the link broke
                 ok = False
@@ -348,13 +350,16 @@ class WeightPublisher:
         if not live:
             return []
         self._epoch += 1
-        world = len(live) + 1
         with self._lock:
+            ranks = [self._peers[i].ranks if i in self._peers else 1 for i in live]
+            world = 1 + sum(ranks)
             self._joined = {}
-            for r, ident in enumerate(live, 1):
+            first = 1  # each actor takes consecutive ranks, one per worker of its engine
+            for ident, n in zip(live, ranks, strict=True):
                 self._outbox.append((ident, WeightGroupJoin(
-                    epoch=self._epoch, rank=r, world=world, host=cfg.host, port=cfg.port,
-                    timeout_s=cfg.timeout_s)))
+                    epoch=self._epoch, rank=first, world=world, host=cfg.host, port=cfg.port,
+                    timeout_s=cfg.timeout_s, ranks=n)))
+                first += n
         self._wake()
         try:
             pg = open_group(self._store, self._epoch, 0, world, cfg.host, cfg.timeout_s)
@@ -373,7 +378,7 @@ class WeightPublisher:
                         "out for %.0fs, ZeroMQ carries this version", self._epoch, e,
                         len(silent), cfg.retry_s)
             return []
-        self._pg, self._members = pg, live
+        self._pg, self._members, self._world = pg, live, world
         self.counters["groups_formed"] += 1
         log.info("weight broadcast group %d formed: learner + %d actor(s)", self._epoch,
                  len(live))

@@ -21,16 +21,19 @@ B = 4
 TEMPERATURE = 0.8
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_model, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("actor_vllm_api")
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+def stack(request, tiny_model, tmp_path_factory):
+    """tp2: a tensor-parallel engine (vLLM's multiprocess executor, one worker per core on
+    this CPU machine), each worker a chain rank of its own in the broadcast group."""
+    tp = request.param
+    run_dir = tmp_path_factory.mktemp(f"actor_vllm_api_tp{tp}")
     cfg_path = make_config(
         run_dir, tiny_model, preset="grpo",
         task={"num_problems": 16, "num_eval_problems": 8},
         allocator={"batch_prompts": B, "n_mean": 8, "n_min": 8, "n_max": 8,
                    "initial_budget": 8, "lease_s": 6.0, "max_staleness": 2},
         actor={"temperature": TEMPERATURE, "prefetch_grants": 4, "max_batch_grants": 4,
-               "heartbeat_s": 0.5, "weight_loader": "vllm_api"},
+               "heartbeat_s": 0.5, "weight_loader": "vllm_api", "tensor_parallel_size": tp},
         learner={"prompts_per_step": B},
         network={"curve": False, "weights_backend": "broadcast",
                  "weights_group_port": free_ports(1)[0], "broadcast_timeout_s": 20.0})
@@ -39,7 +42,7 @@ def stack(tiny_model, tmp_path_factory):
     alloc = Proc("allocator", cfg_path)
     actor = Proc("actor", cfg_path, "--index", "0")
     yield {"cfg": cfg, "receiver": receiver, "alloc": alloc, "actor": actor,
-           "run_dir": run_dir, "model": tiny_model}
+           "run_dir": run_dir, "model": tiny_model, "tp": tp}
     for p in (actor, alloc):
         p.stop()
     receiver.close()
@@ -72,6 +75,7 @@ def test_a_broadcast_version_arrives_through_vllms_api_with_version_stamps(stack
              180, "a group generated entirely with version 1")
     # one broadcast, received by the engine's worker through vLLM's API, no ZeroMQ chunks
     assert pub.counters["broadcasts"] == 1 and pub.counters["chunks_sent"] == 0, pub.counters
+    assert pub._world == 1 + stack["tp"]  # the learner and one chain rank per engine worker
     time.sleep(2.5)  # the actor's next metrics line
     m = actor_metrics(stack["run_dir"])
     assert m["weights_vllm_api"] == 1 and m["broadcast_versions_received"] == 1, m

@@ -130,6 +130,22 @@ def test_by_default_the_allocator_shares_the_first_learner_node(tmp_path):
                for a in actors)
     assert not [line for line in out.splitlines() if line.startswith("scp ")]  # shared dir
 
+
+def test_tensor_parallel_actors_get_their_gpus_and_vllms_weight_loader(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("ns-a addr=10.9.0.1\nns-b addr=10.9.0.2 slots=4\n")
+    r = launch("--hostfile", str(hosts), "--config", str(CONFIG), "--gpus-per-node", "1",
+               "--actor-tp", "2", "--weights-backend", "broadcast", "--remote-cmd",
+               "ip netns exec {host} bash -c", "--shared-run-dir", "--run-dir",
+               str(tmp_path / "run"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    actors = process_lines(r.stdout, "actor")
+    assert len(actors) == 2  # 4 GPUs, 2 per actor
+    for line, devices in zip(actors, ["0,1", "2,3"], strict=True):
+        assert f"CUDA_VISIBLE_DEVICES={devices} " in line
+        assert "--actor.tensor_parallel_size 2 --actor.weight_loader vllm_api" in line
+
+
 def test_host_file_dry_run_uses_ssh_slots_and_runs_this_machine_locally(tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text(f"# head first\n{socket.gethostname()}\nh1 slots=2\n\nh2 slots=4  # big\n"
@@ -165,7 +181,7 @@ def test_host_file_dry_run_uses_ssh_slots_and_runs_this_machine_locally(tmp_path
      "not enough hosts: 1 allocator + 2 learner + 1 actor node(s) need 4 hosts"),
     ("a\nb\n", ["--separate-allocator"], "need 3 hosts"),
     ("a\nb\n", ["--learner-nodes", "2"], "0 allocator + 2 learner + 1 actor node(s) need 3"),
-    ("a\nb\nc\n", ["--actor-tp", "2"], "--actor-tp 2: tensor parallelism is not supported"),
+    ("a\nb\nc\n", ["--actor-tp", "3"], "2 GPUs per node is not divisible by --actor-tp 3"),
     ("a\nb\nc\n", ["--weights-backend", "nccl"], "--weights-backend must be zmq or broadcast"),
     ("a\n", ["--actor-nodes", "2"], "names one host, which runs every role only with"),
     ("a\nb\nc\n", ["--config", "/nonexistent.toml"], "config file not found: /nonexistent"),

@@ -207,12 +207,3 @@ def test_sync_mode_accepts_mini_batches_and_the_paper_shape_passes() -> None:
     cfg = load_config(None, ["--learner.mini_batch_prompts", "8", "--learner.ppo_epochs", "2",
                              "--allocator.max_staleness", "16"])
     assert cfg.learner.updates_per_batch == 8
-
-
-def test_tensor_parallel_actors_are_refused_on_the_cpu_build_of_vllm() -> None:
-    from launch.config import vllm_build
-
-    if vllm_build() != "cpu":
-        pytest.skip("only the CPU build of vLLM refuses at configuration time")
-    with pytest.raises(ConfigError, match="actor.tensor_parallel_size = 2: .*CPU build"):
-        load_config(None, ["--actor.tensor_parallel_size", "2"])

@@ -15,7 +15,7 @@ from conftest import REPO
 from pydantic import ValidationError
 
 from actors.config import ActorConfig
-from actors.engine import check_weight_loader
+from actors.engine import check_weight_loader, cpu_tensor_parallel_binding
 
 HELPER = Path(__file__).with_name("transfer_engine_check.py")
 
@@ -55,18 +55,22 @@ def test_weight_loader_selection_and_refusals():
         check_weight_loader("ipc", 1)
 
 
-def test_run_config_refuses_tensor_parallel_actors_without_vllm_api_or_with_broadcast(
-        monkeypatch):
-    from launch import config as launch_config
+def test_cpu_tensor_parallel_workers_get_equal_shares_of_the_actors_cores():
+    assert cpu_tensor_parallel_binding(2, "0-3") == "0,1|2,3"
+    assert cpu_tensor_parallel_binding(3, "4,5,6,7,8,9,10") == "4,5|6,7|8,9"
+    assert cpu_tensor_parallel_binding(2, "0|1") == "0|1"  # already split: kept
+    with pytest.raises(ValueError, match="needs at least 2 CPU cores"):
+        cpu_tensor_parallel_binding(2, "3")
+
+
+def test_run_config_refuses_tensor_parallel_actors_without_vllm_api():
     from launch.config import RunConfig
 
-    monkeypatch.setattr(launch_config, "vllm_build", lambda: "gpu")
     with pytest.raises(ValidationError, match="needs actor.weight_loader"):
         RunConfig(actor={"tensor_parallel_size": 2})
-    with pytest.raises(ValidationError, match="chain rank of its own"):
-        RunConfig(actor={"tensor_parallel_size": 2, "weight_loader": "vllm_api"},
-                  network={"weights_backend": "broadcast"})
     RunConfig(actor={"tensor_parallel_size": 2, "weight_loader": "vllm_api"})
+    RunConfig(actor={"tensor_parallel_size": 2, "weight_loader": "vllm_api"},
+              network={"weights_backend": "broadcast"})  # one chain rank per worker
 
 
 def test_plugin_is_declared_for_vllm_workers_and_registers_once():
