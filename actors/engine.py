@@ -56,8 +56,9 @@ def cpu_tensor_parallel_binding(tensor_parallel_size: int, current: str | None) 
     if current and "|" in current:
         return current
     if current and current not in ("auto", "nobind"):
-        cores = [c for part in current.split(",") for c in (
-            range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))]
+        from launch.cores import parse_cores
+
+        cores = parse_cores(current)
     else:
         cores = sorted(os.sched_getaffinity(0))
     tp = tensor_parallel_size

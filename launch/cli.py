@@ -58,6 +58,11 @@ def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
     # loopback, never on the cluster interface; the weight broadcast names its interface itself.
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     os.environ["VLLM_HOST_IP"] = "127.0.0.1"
+    from launch.cores import pin_to
+
+    # On the cores the launcher gave the engine from the start: the imports and the engine's
+    # start-up then do not compete with the learner's on a small machine.
+    pin_to(os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
     from actors.worker import Actor, Endpoints
 
     setup_logging(f"actor{args.index}")
@@ -84,11 +89,12 @@ def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
 
     setup_logging(f"learner{os.environ.get('RANK', '0')}")
     if os.environ.get("DYNAMO_CPU_AFFINITY"):  # set by the local launcher on CPU machines
+        from launch.cores import pin_to
+
+        pin_to(os.environ["DYNAMO_CPU_AFFINITY"])  # before torch's import
         import torch
 
-        cores = {int(c) for c in os.environ["DYNAMO_CPU_AFFINITY"].split(",")}
-        os.sched_setaffinity(0, cores)
-        torch.set_num_threads(len(cores))
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
     _, held_out = load_task(cfg.task)
     path = model_path(cfg, progress=False)
     fmt = resolved_prompt_format(cfg.task)

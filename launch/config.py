@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from actors.config import ActorConfig
 from allocator.config import AllocatorConfig
 from learner.config import LearnerConfig
-from learner.objective import PRESET_TABLE, Preset, allocation_rule
+from learner.presets import PRESET_TABLE, Preset, allocation_rule
 from protocol.listen import resolve
 from tasks.config import TaskConfig
 

@@ -26,11 +26,10 @@ import torch
 from torch import Tensor
 
 from learner.config import LearnerConfig
+from learner.presets import PRESET_TABLE, AllocationRule, Preset, allocation_rule  # noqa: F401
 
 ISMode = Literal["tis", "bypass", "mask"]
 _LEARNER = LearnerConfig.model_fields
-Preset = Literal["grpo", "dynamo", "alloc-only", "modulation-only"]
-AllocationRule = Literal["uniform", "variance", "std"]  # allocator.rule may pick "std"
 
 ADV_EPS = 1e-6  # the ε in A = (r - mean) / (std + ε)
 
@@ -78,25 +77,10 @@ class ObjectiveConfig:
             raise ValueError(f"is_cap must be positive, got {self.is_cap}")
 
 
-# The one preset table, read by the launcher (the allocator's budget rule) and the learner:
-# preset -> (allocation rule, advantage modulation).
-# alloc-only differs from grpo only in allocation, so its learner side *is* grpo's.
-PRESET_TABLE: dict[Preset, tuple[AllocationRule, bool]] = {
-    "grpo": ("uniform", False),
-    "dynamo": ("variance", True),
-    "alloc-only": ("variance", False),
-    "modulation-only": ("uniform", True),
-}
-
 PRESETS: dict[Preset, ObjectiveConfig] = {
     name: ObjectiveConfig(modulation=modulation)
     for name, (_, modulation) in PRESET_TABLE.items()
 }
-
-
-def allocation_rule(preset: Preset) -> AllocationRule:
-    """How the allocator spreads samples over prompts under `preset`."""
-    return PRESET_TABLE[preset][0]
 
 
 # --------------------------------------------------------------------------------------------
