@@ -66,6 +66,10 @@ class ApiMember:
     def close(self) -> None:
         self._closed = True
 
+    def has_work(self) -> bool:
+        """Whether a join or a broadcast version waits for the engine's workers."""
+        return not self._in.empty()
+
     def serve(self) -> list[tuple[int, float]]:
         """Engine thread, between steps: carries out every message waiting. Returns the
         versions applied, each with the seconds it took (receive and load)."""

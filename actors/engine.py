@@ -136,7 +136,7 @@ class Engine:
                  dtype: str = "float32",
                  gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1,
                  enforce_eager: bool = True, block_size: int | None = None,
-                 weight_loader: str = "packed") -> None:
+                 weight_loader: str = "packed", sleep_mode: bool = False) -> None:
         check_weight_loader(weight_loader, tensor_parallel_size)
         configure_vllm_env(kv_cache_gib)
         from vllm import LLM, SamplingParams
@@ -158,9 +158,15 @@ class Engine:
             register()  # the in-process worker's factory (TP workers load the entry point)
             kwargs["weight_transfer_config"] = WeightTransferConfig(backend=BACKEND)
         if not torch.cuda.is_available():
+            if sleep_mode:
+                raise ValueError("vLLM's sleep mode frees GPU memory; on CPU the colocated "
+                                 "placement shares the cores instead")
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            if sleep_mode:
+                kwargs["enable_sleep_mode"] = True
+        self.asleep = False
         self.llm = LLM(model=model_path, max_model_len=max_model_len, seed=seed,
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                        logprobs_mode="processed_logprobs", enable_prefix_caching=True, dtype=dtype,
@@ -326,6 +332,21 @@ class Engine:
         model = self._model()
         return any(lo <= t.data_ptr() < hi
                    for t in (*model.parameters(), *model.buffers()))
+
+    # ------------------------------------------------ sleep mode (colocated placement, GPU)
+    def sleep(self) -> None:
+        """Frees the engine's GPU memory for the learner beside it: weights offloaded to host
+        memory, KV cache discarded (vLLM sleep level 1). Only between requests."""
+        if not self.asleep:
+            assert not self.busy(), "sleep with requests in flight"
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        """Weights back on the GPU and a fresh KV cache, before loading or generating."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def abort(self, request_ids: list[str]) -> None:
         self.engine.abort_request(request_ids)

@@ -108,6 +108,32 @@ class _IoState:
     next_metrics: float = field(default_factory=lambda: time.monotonic() + 2.0)
 
 
+class _EngineSleep:
+    """Colocated placement on GPU: the engine frees its GPU memory for the learner once it
+    has had no work for `after_s` (vLLM sleep mode), and wakes before the next weights or
+    grant. `after_s = None`: never (the engine has the device to itself, or runs on CPU)."""
+
+    def __init__(self, engine, after_s: float | None, counters) -> None:
+        self.engine, self.after_s, self.counters = engine, after_s, counters
+        self.idle_since: float | None = None  # monotonic time the engine ran out of work
+
+    def idle(self, t_ns: int) -> None:
+        self.idle_since = self.idle_since or time.monotonic()
+        if self.after_s is not None and not self.engine.asleep \
+                and time.monotonic() - self.idle_since >= self.after_s:
+            self.engine.sleep()
+            record("sleep", t_ns, now_ns())
+            self.counters["engine_sleeps"] += 1
+
+    def wake(self) -> None:
+        if self.engine.asleep:
+            t = now_ns()
+            self.engine.wake_up()
+            self.idle_since = None  # idle time counts again from here
+            record("wake_up", t, now_ns())
+            self.counters["engine_wake_ups"] += 1
+
+
 @dataclass(slots=True)
 class Endpoints:
     allocator: str
@@ -120,8 +146,12 @@ class Actor:
     def __init__(self, cfg: ActorConfig, model_path: str, endpoints: Endpoints, *,
                  index: int = 0, keys: RunKeys | None = None,
                  max_message_bytes: int = 512 << 20, metrics_path: Path | None = None,
-                 run_dir: Path | None = None, task: TaskConfig | None = None) -> None:
+                 run_dir: Path | None = None, task: TaskConfig | None = None,
+                 sleep_when_idle_s: float | None = None) -> None:
         self.cfg = cfg
+        # colocated placement on GPU: the engine frees its memory for the learner after this
+        # long without work (vLLM sleep mode) and wakes up for the next weights or grant
+        self.sleep_when_idle_s = sleep_when_idle_s
         task = task or TaskConfig()
         self.index = index
         self.actor_id = f"{socket.gethostname()}-a{index}-{os.getpid()}"
@@ -134,7 +164,8 @@ class Actor:
                              dtype=cfg.dtype,
                              gpu_memory_utilization=cfg.gpu_memory_utilization,
                              tensor_parallel_size=cfg.tensor_parallel_size,
-                             enforce_eager=cfg.enforce_eager, weight_loader=cfg.weight_loader)
+                             enforce_eager=cfg.enforce_eager, weight_loader=cfg.weight_loader,
+                             sleep_mode=sleep_when_idle_s is not None)
         self.tokenizer = self.engine.tokenizer
         self.prompt_format = resolved_prompt_format(task)
         # Fails here, not at the first grant, when the format cannot be built (chat template).
@@ -206,7 +237,12 @@ class Actor:
                 phase[:] = [name, t, 0]
             phase[2] += 1
 
+        sleeper = _EngineSleep(eng, self.sleep_when_idle_s, self.counters)
+        wake = sleeper.wake
+
         while not self.stop.is_set():
+            if getattr(self.member, "has_work", lambda: False)():
+                wake()  # joins and broadcast versions go straight into the workers
             max_applied = max(max_applied, self._serve_api_member())
             latest = None
             while True:
@@ -218,6 +254,7 @@ class Actor:
                     self.weight_buffers.give_back(latest[2])
                 latest = newer
             if latest is not None:
+                wake()
                 t = now_ns()
                 enter(None, t)
                 eng.apply_weights(latest[1], latest[0])  # prepared by the weights thread
@@ -244,6 +281,7 @@ class Actor:
                 if g.issued_version > eng.version and eng.version >= max_applied:
                     break  # in order: wait for the weights this work was issued for
                 waiting.popleft()
+                wake()
                 key = f"{g.grant_id}.{g.lease_id}"
                 ids = prompt_token_ids(self.tokenizer, g.prompt, self.prompt_format)
                 if not self.prompt_logged:
@@ -253,6 +291,7 @@ class Actor:
                 active[key] = _Group(g, ids, time.perf_counter())
                 eng.add(key, ids, g.n)
             if eng.busy():
+                sleeper.idle_since = None
                 t = now_ns()
                 enter("generate", t)
                 for key, samples in eng.step():
@@ -264,6 +303,7 @@ class Actor:
             else:
                 t = now_ns()
                 enter("wait_weights" if waiting else "wait_grant", t)
+                sleeper.idle(t)
                 try:
                     waiting.append(self.grants.get(timeout=0.002))
                 except queue.Empty:

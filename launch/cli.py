@@ -75,11 +75,25 @@ def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
     actor = Actor(cfg.actor, path, ep, index=args.index, keys=keys,
                   max_message_bytes=net.max_message_mib << 20,
                   metrics_path=cfg.run_dir / f"metrics_actor{args.index}.jsonl",
-                  run_dir=cfg.run_dir, task=cfg.task)
+                  run_dir=cfg.run_dir, task=cfg.task,
+                  sleep_when_idle_s=colocated_sleep_s(cfg))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: actor.stop.set())
     actor.run()
     return 0
+
+
+COLOCATED_SLEEP_S = 0.5  # idle this long, a colocated GPU engine frees its memory
+
+
+def colocated_sleep_s(cfg: RunConfig) -> float | None:
+    """Colocated placement on GPU: the actor's engine sleeps (frees its GPU memory) while
+    the learner beside it trains; on CPU the two phases share the cores instead."""
+    import torch
+
+    if cfg.placement == "colocated" and torch.cuda.is_available():
+        return COLOCATED_SLEEP_S
+    return None
 
 
 def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
@@ -114,6 +128,7 @@ def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
         allocator=net.allocator, rollouts=net.bind(net.rollout_port),
         weights=net.bind(net.weights_port),
         held_out=held_out, verifier=cfg.task.verifier_name, task=cfg.task, keys=keys,
+        colocated=cfg.placement == "colocated",
         max_model_len=cfg.actor.max_model_len,
         max_message_bytes=net.max_message_mib << 20,
         broadcast=BroadcastSettings(

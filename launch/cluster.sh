@@ -37,6 +37,10 @@ Options:
   --actor-tp T          GPUs per actor (vLLM tensor parallel size, default 1); T > 1 loads
                         weights through vLLM's weight-transfer API in every worker
                         (actor.weight_loader = vllm_api)
+  --colocated           actors also on every learner node, sharing its GPUs with the learner
+                        ranks (placement = colocated: they take turns, the engines sleep while
+                        the learner trains); --actor-nodes then defaults to the hosts left
+                        (0 allowed)
   --separate-allocator  the allocator on a host of its own (default: beside learner rank 0,
                         which wastes no node on it)
   --weights-backend B   zmq (default) or broadcast: how weights reach the actors
@@ -128,7 +132,7 @@ fi
 
 # ---------------------------------------------------------------------------- options
 config= hostfile= run_dir= learner_nodes=1 actor_nodes= gpus= tp=1 master_port=29500
-resume=0 dry=0 py= lifelines= separate=0 backend= net_if= shared=0
+resume=0 dry=0 py= lifelines= separate=0 backend= net_if= shared=0 colocated=0
 remote_cmd="ssh -o BatchMode=yes"
 passthrough=()
 abspath() { [[ $1 == /* ]] && echo "$1" || echo "$PWD/$1"; }
@@ -156,6 +160,7 @@ while (($#)); do
         --net-if) net_if=$2 ;;
         --remote-cmd) remote_cmd=$2 ;;
         --separate-allocator) separate=1; shift; continue ;;
+        --colocated) colocated=1; shift; continue ;;
         --shared-run-dir) shared=1; shift; continue ;;
         --resume) resume=1; shift; continue ;;
         --dry-run) dry=1; shift; continue ;;
@@ -167,7 +172,12 @@ while (($#)); do
 done
 posint() { [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, got '$2'"; }
 posint --learner-nodes "$learner_nodes"
-[[ -z $actor_nodes ]] || posint --actor-nodes "$actor_nodes"
+if [[ -n $actor_nodes ]] && ! ((colocated)) && [[ $actor_nodes == 0 ]]; then
+    die "--actor-nodes 0 leaves no actor (only with --colocated, which runs actors on the" \
+        "learner nodes)"
+fi
+[[ -z $actor_nodes || $actor_nodes == 0 ]] || posint --actor-nodes "$actor_nodes"
+((!colocated)) || passthrough+=(--placement colocated)
 [[ -z $gpus ]] || posint --gpus-per-node "$gpus"
 posint --actor-tp "$tp"
 tp_args=()  # the packed swap and the in-process reload reach one in-process worker only
@@ -223,7 +233,8 @@ if ((nh == 1)); then
 else
     if [[ -z $actor_nodes ]]; then
         actor_nodes=$((nh - separate - learner_nodes))
-        ((actor_nodes >= 1)) || actor_nodes=1
+        ((actor_nodes >= 1 || colocated)) || actor_nodes=1
+        ((actor_nodes >= 0)) || actor_nodes=0
     fi
     need=$((separate + learner_nodes + actor_nodes))
     ((nh >= need)) || die "not enough hosts: $((separate ? 1 : 0)) allocator + $learner_nodes" \
@@ -232,6 +243,7 @@ else
     head=0 learner_ix=() actor_ix=()
     for ((i = separate; i < separate + learner_nodes; i++)); do learner_ix+=("$i"); done
     for ((; i < need; i++)); do actor_ix+=("$i"); done
+    if ((colocated)); then actor_ix=("${learner_ix[@]}" "${actor_ix[@]}"); fi
 fi
 
 gpus_of() {  # GPUs of host index $1

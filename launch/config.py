@@ -93,6 +93,9 @@ class NetworkConfig(BaseModel):
         return f"tcp://{self.learner_host or self.host}:{self.weights_port}"
 
 
+COLOCATED_GPU_SHARE = 0.4  # actor.gpu_memory_utilization's default with placement = colocated
+
+
 class RunConfig(BaseModel):
     """One training run."""
 
@@ -118,6 +121,11 @@ class RunConfig(BaseModel):
         if self.actor.max_tokens >= self.actor.max_model_len:
             raise ValueError(f"actor.max_tokens = {self.actor.max_tokens} leaves no room for the "
                              f"prompt in actor.max_model_len = {self.actor.max_model_len}")
+        if self.placement == "colocated" and \
+                "gpu_memory_utilization" not in self.actor.model_fields_set:
+            # on GPU the engine wakes beside the learner's weights and optimizer state: vLLM
+            # checks at start-up that its share is free, so it must not ask for most of it
+            self.actor.gpu_memory_utilization = COLOCATED_GPU_SHARE
         tp = self.actor.tensor_parallel_size
         if tp > 1 and self.actor.weight_loader != "vllm_api":
             raise ValueError(f"actor.tensor_parallel_size = {tp} needs actor.weight_loader = "

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import zmq
 
@@ -54,6 +55,7 @@ class LearnerSetup:
     keys: RunKeys | None = None
     max_message_bytes: int = 512 << 20
     broadcast: BroadcastSettings | None = None  # the broadcast weights backend
+    colocated: bool = False  # actors share this device: hand back cached memory after a step
 
 
 def objective_config(cfg: LearnerConfig, preset: str) -> ObjectiveConfig:
@@ -230,6 +232,10 @@ class LearnerLoop:
         cfg, trainer = self.s.cfg, self.trainer
         version0 = trainer.version
         stats = trainer.step(groups)
+        if self.s.colocated and torch.cuda.is_available():
+            # the step's activations back to the device, not kept in torch's cache: the
+            # actor's engine wakes into that memory for the next batch
+            torch.cuda.empty_cache()
         if self.intake is not None:
             self.intake.trained(groups)
             self.intake.learner_version = trainer.version  # before actors can hold it

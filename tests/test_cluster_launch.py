@@ -22,7 +22,7 @@ CONFIG = REPO / "configs" / "default.toml"
 OPTIONS = ["--config", "--hostfile", "--learner-nodes", "--actor-nodes", "--gpus-per-node",
            "--actor-tp", "--run-dir", "--resume", "--master-port", "--python", "--dry-run",
            "--help", "--separate-allocator", "--weights-backend", "--net-if", "--remote-cmd",
-           "--shared-run-dir"]
+           "--shared-run-dir", "--colocated"]
 
 
 
@@ -144,6 +144,29 @@ def test_tensor_parallel_actors_get_their_gpus_and_vllms_weight_loader(tmp_path)
     for line, devices in zip(actors, ["0,1", "2,3"], strict=True):
         assert f"CUDA_VISIBLE_DEVICES={devices} " in line
         assert "--actor.tensor_parallel_size 2 --actor.weight_loader vllm_api" in line
+
+
+def test_colocated_nodes_run_actors_on_the_learners_gpus_beside_actor_only_nodes(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("ns-a addr=10.9.0.1\nns-b addr=10.9.0.2\nns-c addr=10.9.0.3\n")
+    common = ["--hostfile", str(hosts), "--config", str(CONFIG), "--gpus-per-node", "2",
+              "--remote-cmd", "ip netns exec {host} bash -c", "--shared-run-dir", "--run-dir",
+              str(tmp_path / "run"), "--dry-run"]
+    r = launch(*common, "--learner-nodes", "2", "--colocated")
+    assert r.returncode == 0, r.stderr
+    learners = [x for x in r.stdout.splitlines() if "launch.cli learner-node" in x]
+    actors = process_lines(r.stdout, "actor")
+    assert [x.split()[3] for x in learners] == ["ns-a", "ns-b"]
+    # two actors on each learner node's two GPUs, two more on the actor-only node
+    assert [(x.split()[3], re.search(r"CUDA_VISIBLE_DEVICES=(\S+)", x).group(1))
+            for x in actors] == [("ns-a", "0"), ("ns-a", "1"), ("ns-b", "0"), ("ns-b", "1"),
+                                 ("ns-c", "0"), ("ns-c", "1")]
+    assert all("--placement colocated" in x for x in [*learners, *actors])
+    r = launch(*common, "--learner-nodes", "3", "--colocated", "--actor-nodes", "0")
+    assert r.returncode == 0, r.stderr
+    assert len(process_lines(r.stdout, "actor")) == 6  # every node: 2 learner ranks, 2 actors
+    r = launch(*common, "--learner-nodes", "2", "--actor-nodes", "0")
+    assert r.returncode == 2 and "--actor-nodes 0 leaves no actor" in r.stderr
 
 
 def test_host_file_dry_run_uses_ssh_slots_and_runs_this_machine_locally(tmp_path):

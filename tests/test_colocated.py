@@ -55,3 +55,42 @@ def test_colocated_run_trains_takes_turns_and_resumes(tiny_model, tmp_path):
         "--learner.eval_every", "0")
     after = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in after if r["step"] > STEPS] == [STEPS + 1, STEPS + 2]
+
+
+class _FakeEngine:  # stands in for vLLM's sleep / wake_up only (the real one: test_gpu_colocated)
+    def __init__(self) -> None:
+        self.asleep, self.calls = False, []
+
+    def sleep(self) -> None:
+        self.asleep = True
+        self.calls.append("sleep")
+
+    def wake_up(self) -> None:
+        self.asleep = False
+        self.calls.append("wake")
+
+
+def test_a_colocated_gpu_engine_sleeps_once_idle_long_enough_and_wakes_once():
+    import time
+    from collections import Counter
+
+    from actors.worker import _EngineSleep
+
+    eng, counters = _FakeEngine(), Counter()
+    s = _EngineSleep(eng, 0.05, counters)
+    s.idle(0)
+    assert eng.calls == []  # idle, not yet long enough
+    time.sleep(0.06)
+    s.idle(0)
+    s.idle(0)
+    assert eng.calls == ["sleep"]
+    s.wake()
+    s.wake()
+    s.idle(0)  # woken (for new weights): the idle time counts again from the wake-up
+    assert eng.calls == ["sleep", "wake"] and counters == {"engine_sleeps": 1,
+                                                             "engine_wake_ups": 1}
+    never = _EngineSleep(_FakeEngine(), None, Counter())  # CPU, or the device to itself
+    never.idle(0)
+    time.sleep(0.06)
+    never.idle(0)
+    assert never.engine.calls == []

@@ -207,3 +207,13 @@ def test_sync_mode_accepts_mini_batches_and_the_paper_shape_passes() -> None:
     cfg = load_config(None, ["--learner.mini_batch_prompts", "8", "--learner.ppo_epochs", "2",
                              "--allocator.max_staleness", "16"])
     assert cfg.learner.updates_per_batch == 8
+
+
+def test_colocated_engines_ask_for_a_share_of_the_gpu_unless_told() -> None:
+    from launch.config import COLOCATED_GPU_SHARE
+
+    assert load_config(None, []).actor.gpu_memory_utilization == 0.85
+    cfg = load_config(None, ["--placement", "colocated"])
+    assert cfg.actor.gpu_memory_utilization == COLOCATED_GPU_SHARE < 0.5
+    cfg = load_config(None, ["--placement", "colocated", "--actor.gpu_memory_utilization", "0.3"])
+    assert cfg.actor.gpu_memory_utilization == 0.3

@@ -1,0 +1,77 @@
+"""Colocated placement on a GPU: vLLM's sleep mode hands the engine's memory to the learner
+beside it and takes it back, with the weights the learner published.
+
+Marked `gpu`: skipped (never faked) where no CUDA device exists. On a GPU machine:
+    python -m pytest -m gpu tests/test_gpu_colocated.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, make_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_a_sleeping_engine_frees_its_memory_and_wakes_with_new_weights(tiny_model):
+    from transformers import AutoModelForCausalLM
+    from vllm import SamplingParams
+
+    from actors.engine import Engine
+
+    eng = Engine(str(tiny_model), max_model_len=64, max_tokens=12, temperature=1e-4,
+                 top_p=1.0, seed=0, kv_cache_gib=0.25, gpu_memory_utilization=0.3,
+                 sleep_mode=True)
+    params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=0, ignore_eos=True)
+    prompts = [[3, 5, 7, 4, 9], [2, 6, 6, 8]]
+
+    def generate() -> list[list[int]]:
+        outs = eng.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    generate()
+    free_awake = torch.cuda.mem_get_info()[0]
+    eng.sleep()
+    free_asleep = torch.cuda.mem_get_info()[0]
+    total = torch.cuda.mem_get_info()[1]
+    # the KV cache (most of its 30 % share) goes back to the device
+    assert free_asleep - free_awake > 0.2 * total, (free_awake, free_asleep, total)
+    eng.wake_up()
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    new = [(n, (p.detach() + 0.05 * torch.randn(p.shape, generator=g)).contiguous())
+           for n, p in hf.named_parameters()]
+    eng.load_weights(new, 1)
+    with torch.no_grad():
+        for (_, p), (_, t) in zip(hf.named_parameters(), new, strict=True):
+            p.copy_(t)
+        want = [hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+                for p in prompts]
+    assert generate() == want
+
+
+def test_colocated_run_on_one_gpu_sleeps_between_batches_and_trains(tiny_model, tmp_path):
+    run_dir = tmp_path / "colo"
+    cfg = make_config(run_dir, tiny_model, placement="colocated",
+                      allocator={"batch_prompts": 32, "n_mean": 8, "n_min": 4, "n_max": 16},
+                      learner={"total_steps": 16, "prompts_per_step": 32, "lr": 2e-4,
+                               "eval_every": 16, "checkpoint_every": 16})
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", str(cfg)], cwd=REPO,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = (run_dir / "metrics_actor0.jsonl").read_text().splitlines()
+    actor = json.loads(lines[-1])
+    # the engine slept while the learner trained and woke for each new batch
+    assert actor.get("engine_sleeps", 0) >= 8 and actor.get("engine_wake_ups", 0) >= 8, actor
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(s["step"] for s in steps) == 16
