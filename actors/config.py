@@ -6,6 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# oneDNN's primitive cache (kernels compiled per matrix shape) in an actor: 1,024 entries by
+# default, which vLLM's varying batch shapes fill for many minutes (+17-24 MiB/min per actor
+# after minute 2, ~360 MiB in all); 256 keeps RSS flat with no loss of throughput here
+# (measured side by side, docs/GUARANTEES.md). An ONEDNN_PRIMITIVE_CACHE_CAPACITY already in
+# the environment wins.
+ONEDNN_CACHE_CAPACITY = "256"
+
 
 class ActorConfig(BaseModel):
     """Engine and sampling settings of every actor process."""

@@ -42,6 +42,10 @@ def configure_vllm_env(kv_cache_gib: float) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from actors.config import ONEDNN_CACHE_CAPACITY
+
+    # read by oneDNN when it first builds a primitive (the actor process sets it earlier)
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
 
 
 WEIGHT_LOADERS = ("packed", "vllm_api")

@@ -63,6 +63,10 @@ def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
     # On the cores the launcher gave the engine from the start: the imports and the engine's
     # start-up then do not compete with the learner's on a small machine.
     pin_to(os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
+    from actors.config import ONEDNN_CACHE_CAPACITY
+
+    # before torch loads oneDNN (docs/GUARANTEES.md, "Bounded memory, measured")
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)
     from actors.worker import Actor, Endpoints
 
     setup_logging(f"actor{args.index}")
