@@ -126,7 +126,7 @@ class _EngineSleep:
             self.counters["engine_sleeps"] += 1
 
     def wake(self) -> None:
-        if self.engine.asleep:
+        if self.after_s is not None and self.engine.asleep:
             t = now_ns()
             self.engine.wake_up()
             self.idle_since = None  # idle time counts again from here
