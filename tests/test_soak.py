@@ -3,7 +3,8 @@ actors and a fault a minute (launch/chaos.py: killed or partitioned actors, a re
 allocator, a learner killed and resumed or stopped), then the exactly-once audit, and every
 process's RSS from the kernel (/proc/PID/status, sampled every 10 s): after its first five
 minutes, no process that lived three minutes more grows by more than 2 MiB a minute.
-Today the actors fail it: oneDNN's primitive cache is still filling (docs/GUARANTEES.md)."""
+With oneDNN's cache capped (actors/config.py) the actors are flat between faults but step
+up 6-15 MiB at some faults, and one of them still fails the slope (docs/GUARANTEES.md)."""
 
 from __future__ import annotations
 
