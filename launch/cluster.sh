@@ -56,8 +56,8 @@ Options:
   --resume              continue the run in the run directory from its latest checkpoint;
                         node counts may differ from the previous start
   --master-port P       learner rendezvous port on the first learner node (default 29500)
-  --python PATH         Python on every node (default: REPO/.venv/bin/python if present,
-                        else python3)
+  --python PATH         Python on every node (default: REPO/.venv-gpu/bin/python, built by
+                        ./bootstrap.sh --gpu, else REPO/.venv/bin/python, else python3)
   --dry-run             print every command it would run, one per line; run nothing
   -h, --help            this help
 
@@ -191,8 +191,10 @@ esac
 posint --master-port "$master_port"
 [[ -n $config ]] || die "--config CONFIG is required (see --help)"
 [[ -f $config ]] || die "config file not found: $config"
-if [[ -z $py ]]; then
-    if [[ -x $REPO/.venv/bin/python ]]; then py=$REPO/.venv/bin/python; else py=python3; fi
+if [[ -z $py ]]; then  # the GPU environment (./bootstrap.sh --gpu) where it was built
+    if [[ -x $REPO/.venv-gpu/bin/python ]]; then py=$REPO/.venv-gpu/bin/python
+    elif [[ -x $REPO/.venv/bin/python ]]; then py=$REPO/.venv/bin/python
+    else py=python3; fi
 fi
 cd "$REPO"
 
