@@ -13,8 +13,10 @@ Guarantees:
   async mode). Samples in flight keep their KV (PipelineRL-style in-flight
   update): their later tokens carry the new version, and the learner's importance weights
   correct for the mixed context.
-- Outputs are only materialised when a group finishes (FINAL_ONLY): the per-token versions
-  come from the token counts recorded at each weight swap, not from per-step outputs.
+- Outputs are only materialised when a group finishes (FINAL_ONLY). The per-token versions
+  come from vLLM's own weight versions (the engine core labels each step's tokens with the
+  version set at the swap: `weight_versions` spans); the token counts recorded at each swap
+  give the same stamps independently, and every disagreement is counted.
 - `weight_loader = "vllm_api"` loads every version through vLLM's weight-transfer API instead
   (`collective_rpc` of start / update / finish_weight_update on every worker, our backend
   `actors/transfer_engine.py`): the path for tensor parallelism and GPUs. Broadcast versions
@@ -191,6 +193,12 @@ class Engine:
         # where packing does not apply (GPU, tensor parallelism...) the plan says so itself
         self.use_vllm_reload = False
         self.packing_failures = 0
+        # vLLM's own per-token weight versions: the engine core labels the tokens of each step
+        # with the version set here (outputs' `weight_versions` spans); ours, from the token
+        # counts at each swap, are kept as the cross-check
+        self.engine.set_weight_version("0")
+        self.native_stamps = 0  # samples stamped from vLLM's spans
+        self.stamp_disagreements = 0  # samples where vLLM's spans and our counts differ
 
     def add(self, request_id: str, prompt_token_ids: list[int], n: int) -> None:
         """Queue n samples of one prompt; they come back together from `step`."""
@@ -222,9 +230,27 @@ class Engine:
                 versions = [p.version] * len(toks)
                 for count, v in p.swaps.get(c.index, ()):
                     versions[count:] = [v] * max(0, len(toks) - count)
+                versions = self._native_versions(c, versions)
                 samples.append(Sample(toks, lps, versions, c.finish_reason == "length"))
             done.append((out.request_id, samples))
         return done
+
+    def _native_versions(self, c, ours: list[int]) -> list[int]:
+        """Per-token versions from vLLM's spans where it reported them (else ours); every
+        disagreement between the two is counted."""
+        spans = getattr(c, "weight_versions", None)
+        if not spans or not all(s.version.isdigit() for s in spans):
+            return ours
+        native = list(ours)
+        for s in spans:
+            native[s.start:s.end] = [int(s.version)] * (s.end - s.start)
+        self.native_stamps += 1
+        if native != ours:
+            self.stamp_disagreements += 1
+            if self.stamp_disagreements == 1:
+                log.warning("vLLM's per-token weight versions differ from the swap counts "
+                            "(%s vs %s); using vLLM's", native, ours)
+        return native
 
     def _record_swap(self, version: int) -> None:
         """Before new weights: how many tokens each in-flight sample has generated so far."""
@@ -283,6 +309,7 @@ class Engine:
         if not self.busy():  # possible only when idle; frees the stale blocks at once
             self.llm.reset_prefix_cache()
         self.version = version
+        self.engine.set_weight_version(str(version))
 
     # ------------------------------------------------ vLLM's weight-transfer API (vllm_api)
     def join_weight_group(self, init_info: dict) -> None:
@@ -317,6 +344,7 @@ class Engine:
         if not self.busy():
             self.llm.reset_prefix_cache()
         self.version = version
+        self.engine.set_weight_version(str(version))
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Prepare and swap in one go (on the engine thread)."""

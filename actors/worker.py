@@ -589,6 +589,8 @@ class Actor:
                 "prepare_weights_s": round(self.prepare_s, 4), "gen_tokens": self.gen_tokens,
                 "weight_packing_failures": self.engine.packing_failures,
                 "cached_prompt_tokens": self.engine.cached_prompt_tokens,
+                "native_version_stamps": getattr(self.engine, "native_stamps", 0),
+                "version_stamp_disagreements": getattr(self.engine, "stamp_disagreements", 0),
                 "held_grants": self.held,
                 "outbox": outbox, **self.counters,
                 **({f"broadcast_{k}": v for k, v in self.member.counters.items()}

@@ -80,6 +80,8 @@ def test_a_broadcast_version_arrives_through_vllms_api_with_version_stamps(stack
     m = actor_metrics(stack["run_dir"])
     assert m["weights_vllm_api"] == 1 and m["broadcast_versions_received"] == 1, m
     assert m.get("broadcast_broadcast_failures", 0) == 0 and m["version"] == 1, m
+    # the stamps come from vLLM's own per-token weight versions, and our swap counts agree
+    assert m["native_version_stamps"] > 0 and m["version_stamp_disagreements"] == 0, m
     assert "by broadcast through vLLM's API" in stack["actor"].text()
     later = rx.snapshot()[n_before:]
     for g in later:

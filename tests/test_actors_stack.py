@@ -189,6 +189,14 @@ def test_tokens_of_samples_in_flight_at_a_swap_carry_the_version_that_produced_t
         worst = max(worst, float(np.abs(s.logprobs - want).max()))
     assert worst < 2e-3, worst
 
+    def stamps() -> list[dict]:
+        return [json.loads(p.read_text().splitlines()[-1])
+                for p in sorted(stack["run_dir"].glob("metrics_actor*.jsonl"))]
+    # the stamps are vLLM's own per-token weight versions, and the swap counts agree
+    wait_for(lambda: all(m["native_version_stamps"] > 0 for m in stamps()), 15,
+             "vLLM's weight versions on every actor's samples")
+    assert all(m["version_stamp_disagreements"] == 0 for m in stamps()), stamps()
+
 
 def test_sigkilled_actor_work_is_reissued_and_counted_once(stack):
     rx, actors, run_dir = stack["receiver"], stack["actors"], stack["run_dir"]
