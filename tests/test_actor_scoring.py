@@ -64,6 +64,8 @@ class ByteTokenizer:
 class InstantEngine:
     """The slice of actors.engine.Engine an actor uses; every request finishes in one step."""
 
+    weight_loader = "packed"
+
     def __init__(self, model_path: str, **_: object) -> None:
         self.tokenizer = ByteTokenizer()
         self.version = 0
