@@ -296,20 +296,13 @@ class Engine:
         """Swap prepared weights in, between steps, and stamp `version` on every later token."""
         if self.weight_loader == "vllm_api":
             self._load_through_api({"version": version, "inline": update.tensors})
-            self._swapped(version)
-            return
-        self._record_swap(version)
-        if update.prepared is not None:
+        elif update.prepared is not None:
             KernelSwap.swap(update.prepared)
         else:
             worker = self.engine.model_executor.driver_worker.worker
             worker.reload_weights(weights_iterator=iter(update.tensors))
             refresh_tied_lm_head(worker.model_runner.model)
-        self._swaps += 1  # new requests no longer match prompt KV cached under old weights
-        if not self.busy():  # possible only when idle; frees the stale blocks at once
-            self.llm.reset_prefix_cache()
-        self.version = version
-        self.engine.set_weight_version(str(version))
+        self._swapped(version)
 
     # ------------------------------------------------ vLLM's weight-transfer API (vllm_api)
     def join_weight_group(self, init_info: dict) -> None:
