@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 import zmq
 
+from actors import heap
 from actors.config import ActorConfig
 from actors.engine import Engine, Sample, Update
 from protocol.auth import RunKeys
@@ -106,6 +107,7 @@ class _IoState:
     announced_at: float = field(default_factory=time.perf_counter)  # the arriving version's
     next_beat: float = 0.0
     next_metrics: float = field(default_factory=lambda: time.monotonic() + 2.0)
+    next_trim: float = field(default_factory=lambda: time.monotonic() + 60.0)
 
 
 class _EngineSleep:
@@ -441,6 +443,10 @@ class Actor:
         if now >= io.next_beat:
             self._send_heartbeat(io)
             io.next_beat = now + self.cfg.heartbeat_s
+        if self.cfg.heap_trim_s and now >= io.next_trim:
+            self.counters["heap_trims"] += 1
+            self.counters["heap_trimmed_bytes"] += heap.trim()
+            io.next_trim = now + self.cfg.heap_trim_s
         if io.metrics_f is not None and now >= io.next_metrics:
             self._write_metrics(io)
             io.next_metrics = now + 2.0
@@ -592,7 +598,7 @@ class Actor:
                 "native_version_stamps": getattr(self.engine, "native_stamps", 0),
                 "version_stamp_disagreements": getattr(self.engine, "stamp_disagreements", 0),
                 "held_grants": self.held,
-                "outbox": outbox, **self.counters,
+                "outbox": outbox, **self.counters, **heap.heap_stats(),
                 **({f"broadcast_{k}": v for k, v in self.member.counters.items()}
                    if self.member is not None else {}),
                 **{f"verifier_{k}": self.verifier.counters.get(k, 0)

@@ -71,7 +71,8 @@ def run_config(variant: str, seed: int, args, run_dir: Path) -> Path:
 
         model = ensure_embedded_model(_ROOT / ".cache/models", 600, 0, progress=False)
         return make_config(run_dir, model, preset=preset,
-                           task={"num_problems": args.problems, "num_eval_problems": 512},
+                           task={"num_problems": args.problems or 512,
+                                 "num_eval_problems": 512},
                            allocator={"n_mean": 8, "n_min": 4, "n_max": 16, **alloc},
                            actor={"seed": seed}, learner=learner)
     base = tomllib.loads((_ROOT / "configs/math-rehearsal.toml").read_text())
@@ -81,6 +82,8 @@ def run_config(variant: str, seed: int, args, run_dir: Path) -> Path:
     sections["allocator"] = {**sections.get("allocator", {}), **alloc}
     sections["learner"] = {**sections.get("learner", {}), **learner}
     sections["actor"] = {**sections.get("actor", {}), "seed": seed}
+    if args.problems is not None:
+        sections["task"] = {**sections.get("task", {}), "num_problems": args.problems}
     return make_config(run_dir, None, preset=preset, **sections)
 
 
@@ -199,9 +202,11 @@ def main() -> None:
     ap.add_argument("--updates", type=int, default=4, help="mini-batch updates per batch")
     ap.add_argument("--lr", type=float, default=None,
                     help="default: 5e-5 (builtin), the config's (math-rehearsal)")
-    # 512 problems: 60 steps x 32 prompts pass over the set ~3.75 times, so the allocator has
-    # per-problem statistics for most of the run (in a first epoch every budget is uniform).
-    ap.add_argument("--problems", type=int, default=512)
+    # builtin: 512 problems, so 60 steps x 32 prompts pass over the set ~3.75 times and the
+    # allocator has per-problem statistics for most of the run (in a first epoch every budget
+    # is uniform). math-rehearsal: the config's 2,048 unless given.
+    ap.add_argument("--problems", type=int, default=None,
+                    help="training problems (default: 512 builtin, the config's rehearsal)")
     ap.add_argument("--variants", default=",".join(PRESETS))
     ap.add_argument("--out", default="bench/learning.png")
     ap.add_argument("--work-dir", default=None, help="keep every run's directory here")

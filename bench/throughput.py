@@ -11,15 +11,24 @@ held-out pass@1 at the end (embedded model only: the 25M model is untrained).
 
     python bench/throughput.py                        # both sizes, both placements
     python bench/throughput.py --models tiny --steps 60
+    python bench/throughput.py --peer trl             # and TRL's GRPOTrainer side by side
+
+`--peer trl` also runs TRL's GRPOTrainer (bench/trl_grpo.py, in its own environment under
+.cache/bench-trl, installed on first use; never a dependency of the project) on the same
+model, task, batch shape and number of sampled completions. Then both final models of the
+embedded size are scored by the same `dynamo-rl eval` (held-out set, 16 samples per problem
+at temperature 1), so accuracy per sampled completion is compared on one evaluator.
 
 Final line: JSON with `rows` ([{model, placement, completions_per_s, wall_s, startup_s,
-pass1_after}]) and `colocated_over_disaggregated` per model.
+pass1_after, peer_completions_per_s, eval_pass1}]), `colocated_over_disaggregated` and
+`over_peer` (ours / TRL's completions/s, per model and placement).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,16 +36,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PEER_DIR = ROOT / ".cache" / "bench-trl"  # bench/trl_grpo.py installs TRL here
 SIZES = {"tiny": None, "25M": dict(hidden_size=512, intermediate_size=2048,
                                    num_hidden_layers=6, num_attention_heads=8,
                                    num_key_value_heads=4, max_position_embeddings=64)}
 
 
-def run_once(model: str, placement: str, steps: int, tmp: Path, seed: int) -> dict:
+def run_once(model: str, placement: str, steps: int, tmp: Path, seed: int,
+             keep_final: bool = False) -> dict:
     run_dir = tmp / f"{model}-{placement}"
+    # keep_final: a checkpoint at the last step, for `dynamo-rl eval` (one write, ~0.1 s)
     args = [sys.executable, "-m", "launch.cli", "run", str(ROOT / "configs" / "default.toml"),
-            "--run_dir", str(run_dir), "--placement", placement,
-            "--learner.total_steps", str(steps), "--learner.checkpoint_every", str(10 * steps),
+            "--run_dir", str(run_dir), "--placement", placement, "--learner.total_steps",
+            str(steps), "--learner.checkpoint_every", str(steps if keep_final else 10 * steps),
             "--learner.seed", str(seed), "--allocator.seed", str(seed)]
     if SIZES[model] is not None:
         from launch.embedded_model import build_sized_model
@@ -61,7 +73,42 @@ def run_once(model: str, placement: str, steps: int, tmp: Path, seed: int) -> di
     return {"model": model, "placement": placement, "steps": len(steps_),
             "completions_per_s": samples / loop_s, "wall_s": wall,
             "startup_s": steps_[0]["time"] - t0,
-            "pass1_after": evals[-1]["eval/pass1"] if evals else None}
+            "pass1_after": evals[-1]["eval/pass1"] if evals else None,
+            "model_dir": str(run_dir), "model_path": _model_arg(args)}
+
+
+def _model_arg(args: list[str]) -> str | None:
+    return args[args.index("--model.path") + 1] if "--model.path" in args else None
+
+
+def run_peer(model: str, model_path: str | None, steps: int, tmp: Path, seed: int) -> dict:
+    """TRL's GRPOTrainer on the same model and batch shape (bench/trl_grpo.py)."""
+    if not (PEER_DIR / "trl").is_dir():
+        subprocess.run([sys.executable, str(ROOT / "bench/trl_grpo.py"), "--install"],
+                       check=True)
+    cmd = [sys.executable, str(ROOT / "bench/trl_grpo.py"), str(ROOT / "configs/default.toml"),
+           "--steps", str(steps), "--seed", str(seed), "--out", str(tmp / f"trl-{model}")]
+    if model_path is not None:
+        cmd += ["--model", model_path]
+    env = {**os.environ, "PYTHONPATH": str(PEER_DIR)}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=7200, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"trl/{model}: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def held_out_pass1(model_dir: str, tmp: Path, name: str) -> float:
+    """pass@1 of a final model on the held-out set: 16 samples per problem at temperature 1,
+    by `dynamo-rl eval` (the same evaluator for both trainers' models)."""
+    out = tmp / f"eval-{name}.json"
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "eval",
+                        str(ROOT / "configs/default.toml"), "--model", model_dir, "--bench",
+                        "arithmetic", "--k", "16", "--temperature", "1.0", "--top-p", "1.0",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"eval {name}: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return json.loads(out.read_text())["benchmarks"]["arithmetic"]["pass@1"]
 
 
 def main() -> None:
@@ -71,6 +118,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="learner steps (tiny model)")
     ap.add_argument("--steps-25m", type=int, default=8, help="learner steps (25M model)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peer", choices=["trl"], help="also run TRL's GRPOTrainer side by side")
     args = ap.parse_args()
     rows = []
     print(f"{'model':>6} {'placement':>14} {'compl/s':>9} {'wall s':>8} {'start s':>8} "
@@ -79,18 +127,42 @@ def main() -> None:
         for model in args.models:
             for placement in args.placements:
                 steps = args.steps if model == "tiny" else args.steps_25m
-                row = run_once(model, placement, steps, Path(tmp), args.seed)
+                row = run_once(model, placement, steps, Path(tmp), args.seed,
+                               keep_final=args.peer is not None and model == "tiny")
                 rows.append(row)
                 p1 = "" if row["pass1_after"] is None else f"{row['pass1_after']:.3f}"
                 print(f"{model:>6} {placement:>14} {row['completions_per_s']:>9.1f} "
                       f"{row['wall_s']:>8.1f} {row['startup_s']:>8.1f} {p1:>7}", flush=True)
+            if args.peer:
+                steps = args.steps if model == "tiny" else args.steps_25m
+                peer = run_peer(model, rows[-1]["model_path"], steps, Path(tmp), args.seed)
+                print(f"{model:>6} {'trl':>14} {peer['completions_per_s']:>9.1f} "
+                      f"{peer['wall_s']:>8.1f} {peer['startup_s']:>8.1f}", flush=True)
+                for r in rows:
+                    if r["model"] == model:
+                        r["peer_completions_per_s"] = peer["completions_per_s"]
+                        r["peer_wall_s"] = peer["wall_s"]
+                if model == "tiny":  # the 25M model is untrained: its accuracy says nothing
+                    t = Path(tmp)
+                    peer["eval_pass1"] = held_out_pass1(peer["model_dir"], t, "trl")
+                    for r in rows:
+                        if r["model"] == model:
+                            r["eval_pass1"] = held_out_pass1(r["model_dir"], t, r["placement"])
+                            r["peer_eval_pass1"] = peer["eval_pass1"]
+                            print(f"{model:>6} held-out pass@1 (16 samples, dynamo-rl eval): "
+                                  f"{r['placement']} {r['eval_pass1']:.3f}, trl "
+                                  f"{peer['eval_pass1']:.3f}", flush=True)
     ratio = {}
     for model in args.models:
         by = {r["placement"]: r for r in rows if r["model"] == model}
         if {"colocated", "disaggregated"} <= by.keys():
             ratio[model] = by["colocated"]["completions_per_s"] / \
                 by["disaggregated"]["completions_per_s"]
-    print(json.dumps({"rows": rows, "colocated_over_disaggregated": ratio}))
+    over_peer = {f"{r['model']}/{r['placement']}":
+                 r["completions_per_s"] / r["peer_completions_per_s"]
+                 for r in rows if "peer_completions_per_s" in r}
+    print(json.dumps({"rows": rows, "colocated_over_disaggregated": ratio,
+                      "over_peer": over_peer}))
 
 
 if __name__ == "__main__":
