@@ -444,9 +444,11 @@ class Actor:
             self._send_heartbeat(io)
             io.next_beat = now + self.cfg.heartbeat_s
         if self.cfg.heap_trim_s and now >= io.next_trim:
+            t = time.monotonic()
             self.counters["heap_trims"] += 1
             self.counters["heap_trimmed_bytes"] += heap.trim()
-            io.next_trim = now + self.cfg.heap_trim_s
+            self.counters["heap_trim_ms"] += int((time.monotonic() - t) * 1000)
+            io.next_trim = time.monotonic() + self.cfg.heap_trim_s
         if io.metrics_f is not None and now >= io.next_metrics:
             self._write_metrics(io)
             io.next_metrics = now + 2.0

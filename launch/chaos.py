@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "audit": checked["totals"], "violations": checked["violations"],
         "peak_rss_mib": {k: v >> 20 for k, v in peak.items()},
         "rss_trend": rss_trend(run_dir / "rss.jsonl", warm_s=args.rss_warm),
+        "actor_heap_trend": heap_trend(run_dir, warm_s=args.rss_warm),
         "grant_record": record_size(run_dir),
     }
     print(json.dumps(report, indent=1))
@@ -165,6 +166,40 @@ def rss_trend(path, warm_s: float = 120.0, min_span_s: float = 180.0
                                       "mib_at_start": round(v[0] / 2**20, 1),
                                       "mib_at_end": round(v[-1] / 2**20, 1),
                                       "slope_mib_per_min": round(float(slope), 2)}
+    return out
+
+
+def heap_trend(run_dir, warm_s: float = 120.0, min_span_s: float = 180.0
+               ) -> dict[str, dict[str, float]]:
+    """Per actor process that lived long enough, from its own metrics lines (actors/heap.py):
+    the C heap in use, freed-but-kept, and RSS, after warm_s and at the end (MiB), and the
+    fitted slope of the heap in use (MiB/min): a leak grows it, a kept high-water mark does
+    not."""
+    import numpy as np
+
+    series: dict[str, list[dict]] = {}
+    for path in sorted(run_dir.glob("metrics_actor*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                m = json.loads(line)
+            except ValueError:  # a line cut by a kill
+                continue
+            if "heap_in_use_mib" in m:
+                series.setdefault(m["actor"], []).append(m)
+    out = {}
+    for actor, ms in sorted(series.items()):
+        late = [m for m in ms if m["time"] >= ms[0]["time"] + warm_s]
+        if len(late) < 3 or late[-1]["time"] - late[0]["time"] < min_span_s:
+            continue
+        t = np.array([m["time"] for m in late])
+        use = np.array([m["heap_in_use_mib"] for m in late])
+        out[actor] = {"minutes": round((t[-1] - t[0]) / 60, 1),
+                      "in_use_mib": [late[0]["heap_in_use_mib"], late[-1]["heap_in_use_mib"]],
+                      "free_mib": [late[0]["heap_free_mib"], late[-1]["heap_free_mib"]],
+                      "rss_mib": [late[0]["rss_mib"], late[-1]["rss_mib"]],
+                      "in_use_slope_mib_per_min": round(float(
+                          np.polyfit((t - t[0]) / 60, use, 1)[0]), 2),
+                      "trimmed_mib": late[-1].get("heap_trimmed_bytes", 0) >> 20}
     return out
 
 
