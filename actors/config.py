@@ -47,7 +47,7 @@ class ActorConfig(BaseModel):
         "started on the first such answer, so the built-in task never starts them")
     heartbeat_s: float = Field(2.0, gt=0, description="heartbeat period to the allocator")
     heap_trim_s: float = Field(
-        0.0, ge=0, description="seconds between returns of the C heap's freed pages to the "
-        "kernel (malloc_trim); 0: never (actors/heap.py)")
+        60.0, ge=0, description="seconds between returns of the C heap's freed pages to the "
+        "kernel (malloc_trim); 0: never (actors/heap.py, docs/GUARANTEES.md)")
     restart_dead: bool = Field(True, description="launcher restarts an actor that died")
     seed: int = Field(0, description="sampling seed (offset by the actor index)")

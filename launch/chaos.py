@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     next_fault = t0 + args.every
     next_sample = t0
     samples = (run_dir / "rss.jsonl").open("w")
+    resume: list[tuple[float, int]] = []  # (when, pid): stopped processes to continue
     try:
         while time.monotonic() < t_end:
             time.sleep(0.5)
@@ -101,9 +102,14 @@ def main(argv: list[str] | None = None) -> int:
             for i, a in enumerate(actors):
                 if not a.alive():
                     actors[i] = child("actor", "--index", str(i))
+            for t_cont, pid in [r for r in resume if r[0] <= time.monotonic()]:
+                resume.remove((t_cont, pid))
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
             if time.monotonic() < next_fault:
                 continue
-            next_fault = time.monotonic() + args.every
             fault = rng.choice(faults)
             events.append(f"{time.strftime('%H:%M:%S')} {fault}")
             print(f"[chaos] {events[-1]}", flush=True)
@@ -111,9 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.kill(rng.choice(actors).proc.pid, signal.SIGKILL)
             elif fault == "partition_actor":
                 victim = rng.choice(actors).proc.pid
-                os.kill(victim, signal.SIGSTOP)
-                time.sleep(cfg.allocator.lease_s + 5)
-                os.kill(victim, signal.SIGCONT)
+                os.kill(victim, signal.SIGSTOP)  # resumed by the loop, which keeps sampling
+                resume.append((time.monotonic() + cfg.allocator.lease_s + 5, victim))
             elif fault == "restart_allocator":
                 alloc.proc.kill()
                 alloc.proc.wait()
@@ -124,9 +129,16 @@ def main(argv: list[str] | None = None) -> int:
                 learner = child("learner")
             else:
                 os.kill(learner.proc.pid, signal.SIGSTOP)
-                time.sleep(15)
-                os.kill(learner.proc.pid, signal.SIGCONT)
+                resume.append((time.monotonic() + 15, learner.proc.pid))
+            # counted from the fault's end: a partition (lease_s + 5 s) or a stall outlasting
+            # --every would otherwise be followed at once by the next fault
+            next_fault = max([time.monotonic(), *(t for t, _ in resume)]) + args.every
     finally:
+        for _, pid in resume:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
         samples.close()
         shutdown([learner], 120)
         shutdown([*actors, alloc], 30)
@@ -148,7 +160,11 @@ def rss_trend(path, warm_s: float = 120.0, min_span_s: float = 180.0
               ) -> dict[str, dict[str, float]]:
     """Per process (a restarted one is a new process) that lived at least warm_s + min_span_s:
     RSS after its first warm_s seconds (start-up, first batches) and at its last sample (MiB),
-    and the least-squares slope in between (MiB/min)."""
+    the least-squares slope in between (MiB/min), and the high-water marks: the peak RSS of
+    the first warm_s seconds and of the time after (MiB). A process that returns freed memory
+    (actors trim their heap every actor.heap_trim_s) draws a sawtooth, and idle phases (a
+    stalled learner) sit low: a fitted slope then follows where the window starts, while a
+    leak must raise the high-water mark."""
     import numpy as np
 
     series: dict[tuple[str, int], list[tuple[float, int]]] = {}
@@ -162,10 +178,13 @@ def rss_trend(path, warm_s: float = 120.0, min_span_s: float = 180.0
             continue
         t, v = np.array(late).T
         slope = np.polyfit(t / 60, v / 2**20, 1)[0]
+        warm = [v for t, v in pts if t < pts[0][0] + warm_s]
         out[f"{name} (pid {pid})"] = {"minutes": round((t[-1] - t[0]) / 60, 1),
                                       "mib_at_start": round(v[0] / 2**20, 1),
                                       "mib_at_end": round(v[-1] / 2**20, 1),
-                                      "slope_mib_per_min": round(float(slope), 2)}
+                                      "slope_mib_per_min": round(float(slope), 2),
+                                      "peak_warm_mib": round(max(warm) / 2**20, 1),
+                                      "peak_after_mib": round(float(v.max()) / 2**20, 1)}
     return out
 
 
