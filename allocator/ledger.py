@@ -34,6 +34,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -45,6 +46,8 @@ from allocator.config import AllocatorConfig
 from allocator.stats import ProblemStats
 from protocol.idset import IdSet
 from protocol.messages import NoWork, StatsReport, WorkGrant
+
+log = logging.getLogger("dynamo.allocator")
 from tasks.problems import Problem
 
 RESTORE_ID_GAP = 1 << 24  # more grants than any snapshot period issues
@@ -253,6 +256,10 @@ class Ledger:
             # next step's progress resumes from the very count this ledger holds, and the
             # groups it had received are gone all the same.
             lost = max(0, self.received_groups - consumed_groups)
+            # the per-restart figures the audit's totals are the sum of (docs/GUARANTEES.md)
+            log.info("learner restart: it resumes from %d consumed groups (version %d); %d "
+                     "received here, %d completed; %d counted lost", consumed_groups, version,
+                     self.received_groups, self.completed_groups, lost)
             self.counters["groups_lost_to_learner_restart"] += lost
             self.counters["learner_restarts"] += 1
             self.issued_groups -= lost
