@@ -107,7 +107,7 @@ class _IoState:
     announced_at: float = field(default_factory=time.perf_counter)  # the arriving version's
     next_beat: float = 0.0
     next_metrics: float = field(default_factory=lambda: time.monotonic() + 2.0)
-    next_trim: float = field(default_factory=lambda: time.monotonic() + 60.0)
+    next_trim: float = 0.0  # set to one actor.heap_trim_s after start
 
 
 class _EngineSleep:
@@ -433,8 +433,10 @@ class Actor:
         poller = zmq.Poller()
         poller.register(alloc, zmq.POLLIN)
         poller.register(wsock, zmq.POLLIN)
-        return _IoState(ctx, alloc, push, wsock, receiver, self.member, poller,
-                        self.metrics_path.open("a") if self.metrics_path else None)
+        io = _IoState(ctx, alloc, push, wsock, receiver, self.member, poller,
+                      self.metrics_path.open("a") if self.metrics_path else None)
+        io.next_trim = time.monotonic() + self.cfg.heap_trim_s
+        return io
 
     def _io_step(self, io: _IoState) -> None:
         """One pass: what is due (heartbeat, metrics line, work request), every message

@@ -46,9 +46,9 @@ from allocator.config import AllocatorConfig
 from allocator.stats import ProblemStats
 from protocol.idset import IdSet
 from protocol.messages import NoWork, StatsReport, WorkGrant
+from tasks.problems import Problem
 
 log = logging.getLogger("dynamo.allocator")
-from tasks.problems import Problem
 
 RESTORE_ID_GAP = 1 << 24  # more grants than any snapshot period issues
 

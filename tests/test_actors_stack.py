@@ -39,7 +39,7 @@ def stack(tiny_model, tmp_path_factory):
                    "initial_budget": N_MIN, "lease_s": 6.0, "max_staleness": 2,
                    "snapshot_every_s": 0.5},
         actor={"temperature": TEMPERATURE, "prefetch_grants": 4, "max_batch_grants": 4,
-               "heartbeat_s": 0.5},
+               "heartbeat_s": 0.5, "heap_trim_s": 2.0},
         learner={"prompts_per_step": B}, network={"curve": False})
     cfg = load_config(cfg_path)
     receiver = LearnerStandIn(cfg, gate=0)
@@ -196,6 +196,11 @@ def test_tokens_of_samples_in_flight_at_a_swap_carry_the_version_that_produced_t
     wait_for(lambda: all(m["native_version_stamps"] > 0 for m in stamps()), 15,
              "vLLM's weight versions on every actor's samples")
     assert all(m["version_stamp_disagreements"] == 0 for m in stamps()), stamps()
+    # each actor reports its C heap and trims it on schedule (actors/heap.py; what a trim
+    # returns is proven against the kernel's RSS in test_heap.py)
+    wait_for(lambda: all(m.get("heap_trims", 0) >= 2 for m in stamps()), 15, "heap trims")
+    assert all(m["heap_in_use_mib"] > 100 and m["rss_mib"] > m["heap_in_use_mib"]
+               for m in stamps()), stamps()
 
 
 def test_sigkilled_actor_work_is_reissued_and_counted_once(stack):
