@@ -20,8 +20,15 @@ Invariants:
   exceeds what its consumed count allows (updates_per_batch per prompts_per_step groups),
   except that a new learner `session` (a restarted learner) may restart from a smaller count;
   anything else is refused and counted (`progress_refused_*`) and changes nothing. A new
-  session settles the old one's account: groups received beyond the count it restarts from
-  are counted lost (`groups_lost_to_learner_restart`) and leave the pacing window.
+  session settles the old one's account by grant id, not by count: the new learner sends the
+  ids its checkpoint holds (`resumed`), and every id a learner received (`received_ids`) that
+  is not among them went with the old process. Completed ones are recorded lost (`lost`,
+  counted in `groups_lost_to_learner_restart`) and leave the pacing window; ones still
+  outstanding forget their receipt and are re-issued after a lease period. By id, the
+  settlement is right whatever the counts say: after a learner killed between its receipts
+  and its next progress, after a restart from scratch, and after an allocator restored from a
+  snapshot older than the restart (which detects the restart again, from the snapshot's
+  session, and settles only what it knows was received).
 - Pacing: groups issued but not yet consumed by the learner never exceed a window of
   W = max(max_staleness // U, 1) batches of prompts_per_step groups, where U =
   updates_per_batch is the number of optimizer updates (policy versions) one batch can take.
@@ -99,7 +106,8 @@ class Ledger:
         self.queue: deque[int] = deque()  # grant ids waiting for an actor
         self.issued_groups = 0  # distinct grants ever issued
         self.completed_groups = 0
-        self.received_groups = 0  # distinct grants the learner has received (receipts)
+        self.received_ids = IdSet()  # every grant id whose group a learner received (receipts)
+        self.lost = IdSet()  # completed grants whose group went with a restarted learner
         self.formed = IdSet()  # every grant id ever created
         self.completed = IdSet()  # every grant id completed (reported and received)
         self.learner_version = 0
@@ -137,6 +145,11 @@ class Ledger:
             self.queue.append(g.grant_id)
         self.round += 1
         self.counters["rounds"] += 1
+
+    @property
+    def received_groups(self) -> int:
+        """Distinct grants received by a learner and not lost with one."""
+        return len(self.received_ids) - len(self.lost)
 
     # ------------------------------------------------------------------ messages
     def outstanding(self) -> int:
@@ -218,7 +231,7 @@ class Ledger:
                               "receipt_unknown"] += 1
                 continue
             g.received = True
-            self.received_groups += 1
+            self.received_ids.add(gid)
             if g.reported:
                 self._complete(g)
 
@@ -237,8 +250,11 @@ class Ledger:
                     and not g.reported:
                 g.deadline = now + self.cfg.lease_s
 
-    def progress(self, version: int, consumed_groups: int, session: int = 0) -> str:
-        """The learner's position; returns 'accepted', 'restart' or the refusal code."""
+    def progress(self, version: int, consumed_groups: int, session: int = 0,
+                 resumed: IdSet | None = None) -> str:
+        """The learner's position; returns 'accepted', 'restart' or the refusal code.
+        `resumed`: the grant ids (trained or dropped) of the checkpoint the learner's session
+        started from (none: it started from scratch)."""
         if version > self.updates_per_batch * (consumed_groups // self.prompts_per_step):
             return self._refuse("impossible_version")  # no learner gets there on that data
         restart = self.learner_session is not None and session != self.learner_session
@@ -249,27 +265,41 @@ class Ledger:
                 return self._refuse("version_regression")
         self.learner_session = session
         if restart:
-            # The learner restarted from a checkpoint. Groups received after that checkpoint
-            # are gone with the old process: stop counting them as outstanding (or the pacing
-            # window would stay full forever) and count them as lost. This holds whatever the
-            # count it restarts from: a learner killed after sending receipts and before its
-            # next step's progress resumes from the very count this ledger holds, and the
-            # groups it had received are gone all the same.
-            lost = max(0, self.received_groups - consumed_groups)
-            # the per-restart figures the audit's totals are the sum of (docs/GUARANTEES.md)
-            log.info("learner restart: it resumes from %d consumed groups (version %d); %d "
-                     "received here, %d completed; %d counted lost", consumed_groups, version,
-                     self.received_groups, self.completed_groups, lost)
-            self.counters["groups_lost_to_learner_restart"] += lost
-            self.counters["learner_restarts"] += 1
-            self.issued_groups -= lost
-            self.received_groups = min(self.received_groups, consumed_groups)
+            self._settle_restart(resumed if resumed is not None else IdSet(),
+                                 consumed_groups, version)
             self.learner_version = version
             self.consumed_groups = consumed_groups
             return "restart"
         self.learner_version = max(self.learner_version, version)
         self.consumed_groups = consumed_groups
         return "accepted"
+
+    def _settle_restart(self, held: IdSet, consumed_groups: int, version: int) -> None:
+        """A new learner session holds exactly `held`: every other id a learner received is
+        gone with the old process. Completed grants are lost (they leave the pacing window,
+        which would otherwise stay full for ever); outstanding ones forget their receipt and
+        are re-issued once their lease runs out."""
+        gone = self.received_ids.difference(held).difference(self.lost)
+        lost = reissued = 0
+        for gid in gone:
+            if gid in self.completed:
+                self.lost.add(gid)
+                lost += 1
+            else:
+                g = self.grants.get(gid)
+                if g is not None:
+                    g.received = False
+                self.received_ids.discard(gid)
+                reissued += 1
+        # the per-restart figures the audit's totals are the sum of (docs/GUARANTEES.md)
+        log.info("learner restart: it resumes from %d consumed groups (version %d) holding "
+                 "%d grant ids; %d received here, %d completed; %d lost, %d receipts "
+                 "forgotten (re-issued)", consumed_groups, version, len(held),
+                 len(self.received_ids) + reissued, self.completed_groups, lost, reissued)
+        self.counters["groups_lost_to_learner_restart"] += lost
+        self.counters["receipts_forgotten_at_restart"] += reissued
+        self.counters["learner_restarts"] += 1
+        self.issued_groups -= lost
 
     def _refuse(self, code: str) -> str:
         self.counters[f"progress_refused_{code}"] += 1
@@ -279,21 +309,15 @@ class Ledger:
         """A resumed run (`--resume`): every actor and learner of the previous launch is gone.
         Leased grants, and grants reported or received but not completed, are re-queued now
         rather than after a lease period (their groups went with the old processes).
-        Completed groups that the checkpointed learner had not consumed are lost with it:
-        they must stop counting as outstanding, or the pacing window could stay full for
-        ever; they are counted instead. The learner resumes with exactly the snapshot's
-        consumed count, so progress() sees no regression and cannot do this itself."""
+        Completed groups that the checkpointed learner does not hold are settled, by id, at
+        the resumed learner's first progress: its session is new (`_settle_restart`)."""
         for g in sorted(self.grants.values(), key=lambda g: -g.grant_id):
+            if g.received:
+                self.received_ids.discard(g.grant_id)
             g.reported = g.received = False
             if g.actor_id:
                 g.actor_id = ""
                 self.queue.appendleft(g.grant_id)
-        in_flight = sum(1 for g in self.grants.values() if g.lease_id)
-        lost = self.issued_groups - in_flight - self.consumed_groups
-        self.counters["groups_lost_to_resume"] += max(0, lost)
-        self.issued_groups = self.consumed_groups + in_flight
-        self.received_groups = self.consumed_groups
-        self.learner_session = None  # the resumed learner is a new process
 
     def expire(self, now: float) -> int:
         """Re-queue (at the front) every grant whose lease ran out, or whose group did not
@@ -316,6 +340,7 @@ class Ledger:
             "issued_groups": self.issued_groups, "completed_groups": self.completed_groups,
             "received_groups": self.received_groups,
             "formed": self.formed.ranges(), "completed": self.completed.ranges(),
+            "received_ids": self.received_ids.ranges(), "lost": self.lost.ranges(),
             "learner_version": self.learner_version, "consumed_groups": self.consumed_groups,
             "learner_session": self.learner_session,
             "counters": dict(self.counters),
@@ -328,11 +353,13 @@ class Ledger:
                              f"{len(self.problems)}")
         self.stats.load_state_dict(s["stats"])
         for key in ("epoch", "cursor", "round", "next_grant_id", "next_lease_id",
-                    "issued_groups", "completed_groups", "received_groups", "learner_version",
+                    "issued_groups", "completed_groups", "learner_version",
                     "consumed_groups"):
             setattr(self, key, int(s[key]))
         self.formed = IdSet.from_ranges(s["formed"])
         self.completed = IdSet.from_ranges(s["completed"])
+        self.received_ids = IdSet.from_ranges(s["received_ids"])
+        self.lost = IdSet.from_ranges(s["lost"])
         self.learner_session = s["learner_session"]
         self.grants = {g["grant_id"]: Grant(**g) for g in s["grants"]}
         # Leases held before the restart stay valid for one more lease period: their actors

@@ -37,6 +37,7 @@ from protocol.auth import RunKeys, grant_mac, sender_key
 from protocol.codec import decode, encode
 from protocol.errors import ProtocolError
 from protocol.handshakes import HandshakeWatch
+from protocol.idset import IdSet
 from protocol.messages import (
     Error,
     Heartbeat,
@@ -142,11 +143,24 @@ class AllocatorService:
                   delta_ns=time.time_ns() - round(msg.sent_at * 1e9))
             ledger.heartbeat(msg.sender, list(msg.in_flight), now)
         elif isinstance(msg, LearnerProgress):
-            status = ledger.progress(msg.version, msg.consumed_groups, msg.session)
+            try:
+                resumed = IdSet.from_ranges(zip(msg.resumed[::2], msg.resumed[1::2],
+                                                strict=True))
+            except ValueError:  # odd length, unsorted or overlapping ranges
+                status = ledger._refuse("malformed_resumed")
+            else:
+                status = ledger.progress(msg.version, msg.consumed_groups, msg.session,
+                                         resumed)
             if status not in ("accepted", "restart"):
-                log.warning("refused learner progress (%s): version %d, consumed %d", status,
-                            msg.version, msg.consumed_groups)
-            ledger.receipts(list(msg.received))
+                # its receipts too: a session the ledger has not settled must not add to the
+                # ids a later settlement counts as the old session's (their grants are
+                # re-issued, and the learner acknowledges the duplicate again)
+                log.warning("refused learner progress (%s): version %d, consumed %d; %d "
+                            "receipts ignored", status, msg.version, msg.consumed_groups,
+                            len(msg.received))
+                ledger.counters["receipts_ignored"] += len(msg.received)
+            else:
+                ledger.receipts(list(msg.received))
         else:
             ledger.counters["rejected_unexpected_type"] += 1
             log.warning("unexpected %s from %r", type(msg).__name__, ident[:32])

@@ -9,9 +9,12 @@ an actor and received by the learner) and the drop counters of both. Violations:
   repeat itself, whatever the intake's de-duplication did), or a stored record whose ranges
   overlap;
 - never issued: a grant id trained or dropped that the allocator never formed;
-- lost: more completed grants neither trained, dropped with a reason nor pending at the
-  learner than the allocator counted lost with a restarted learner
-  (`groups_lost_to_learner_restart`, `groups_lost_to_resume`).
+- lost: a completed grant neither trained, dropped with a reason nor pending at the learner,
+  and not among the grants the allocator recorded lost with a restarted learner (`lost`, by
+  id, settled against the ids the restarted learner's checkpoint holds);
+- lost unheld: a grant the allocator recorded lost that no finished learner session held
+  (RUN_DIR/learner_grants.d/<session>.json: each session's last record, moved aside by the
+  next one), i.e. a loss the allocator invented, which would hide a real one.
 
 Prints the totals and each violation; the exit status is 1 if there is any, 2 if a record is
 missing. Meant for a stopped run (learner first, allocator last, as the launchers stop them);
@@ -26,10 +29,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from learner.grant_record import RECORD_FILE, GrantRecord
+from learner.grant_record import ARCHIVE_DIR, RECORD_FILE, GrantRecord
 from protocol.idset import IdSet
 
-LOSS_COUNTERS = ("groups_lost_to_learner_restart", "groups_lost_to_resume")
 MAX_LISTED = 20  # ids shown per violation
 
 
@@ -51,6 +53,17 @@ def allocator_state(run_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} not found")
     with path.open("rb") as f:
         return pickle.load(f)
+
+
+def finished_sessions(run_dir: Path) -> IdSet:
+    """Every grant id a finished learner session held at its last record (trained, dropped
+    or pending)."""
+    out = IdSet()
+    for path in sorted((run_dir / ARCHIVE_DIR).glob("*.json")):
+        d = json.loads(path.read_text())
+        rec = GrantRecord.from_dict(d)
+        out.update(rec.consumed().union(IdSet.from_ranges(d["pending"])))
+    return out
 
 
 def _ids(s: IdSet) -> str:
@@ -83,19 +96,25 @@ def audit(run_dir: Path) -> dict[str, Any]:
         violations.append(f"never issued: {len(never)} grant ids trained or dropped that "
                           f"the allocator never formed ({_ids(never)})")
     counters = alloc["counters"]
-    lost_counted = sum(counters.get(k, 0) for k in LOSS_COUNTERS)
+    lost = IdSet.from_ranges(alloc["lost"])
     missing = completed.difference(consumed.union(pending))
-    if len(missing) > lost_counted:
-        violations.append(f"lost: {len(missing)} completed grants neither trained, dropped "
-                          f"nor pending at the learner, {lost_counted} counted lost with a "
-                          f"learner restart ({_ids(missing)})")
+    unaccounted = missing.difference(lost)
+    if unaccounted:
+        violations.append(f"lost: {len(unaccounted)} completed grants neither trained, "
+                          f"dropped nor pending at the learner, nor recorded lost with a "
+                          f"learner restart ({_ids(unaccounted)})")
+    unheld = lost.difference(finished_sessions(run_dir))
+    if unheld:
+        violations.append(f"lost unheld: {len(unheld)} grants recorded lost with a learner "
+                          f"restart that no finished learner session held ({_ids(unheld)})")
     lc = lrec.get("counters", {})
     totals = {
         "formed": len(formed), "issued": alloc["issued_groups"],
         "completed": len(completed), "trained": len(trained),
         "dropped": {r: len(d) for r, d in sorted(dropped.items())},
         "pending_at_learner": len(pending),
-        "completed_not_consumed": len(missing), "counted_lost": lost_counted,
+        "completed_not_consumed": len(missing), "recorded_lost": len(lost),
+        "recorded_lost_but_trained": len(lost.intersection(trained)),
         "trained_not_completed": len(trained.difference(completed)),
         "in_flight_at_allocator": len(alloc["grants"]) - len(alloc["queue"]),
         "learner_counters": {k: v for k, v in sorted(lc.items())

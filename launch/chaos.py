@@ -12,7 +12,7 @@ report gives, per process that lived long enough, its RSS after start-up and at 
 the slope of a line fitted in between (MiB/min), and the size of the learner's grant record. At
 the end it stops everything and prints what happened, peak RSS per role and
 `dynamo-rl audit` of the run (launch/audit.py: nothing trained twice or without being
-issued, every completed group trained, dropped with a reason or counted lost; groups dropped
+issued, every completed group trained, dropped with a reason or recorded lost; groups dropped
 and reports refused, by reason); it exits 1 on any violation or if the learner never stepped.
 """
 

@@ -26,6 +26,7 @@ from typing import Any
 from protocol.idset import IdSet
 
 RECORD_FILE = "learner_grants.json"
+ARCHIVE_DIR = "learner_grants.d"  # each finished session's last record, by session
 MAX_LISTED_REPEATS = 1000
 
 

@@ -111,7 +111,26 @@ class IdSet:
         return out
 
     def difference(self, other: IdSet) -> IdSet:
-        return IdSet(i for i in self if i not in other)
+        """Ids in self and not in other; one sweep over both ranges (O(ranges), not ids)."""
+        out = IdSet()
+        k, os_, oe = 0, other.starts, other.ends
+        for s, e in zip(self.starts, self.ends, strict=True):
+            while k < len(os_) and oe[k] <= s:
+                k += 1
+            j = k
+            while s < e:
+                if j >= len(os_) or os_[j] >= e:  # nothing of other left in [s, e)
+                    out.starts.append(s)
+                    out.ends.append(e)
+                    out._len += e - s
+                    break
+                if os_[j] > s:
+                    out.starts.append(s)
+                    out.ends.append(os_[j])
+                    out._len += os_[j] - s
+                s = max(s, oe[j])
+                j += 1
+        return out
 
     def intersection(self, other: IdSet) -> IdSet:
         return IdSet(i for i in self if i in other)

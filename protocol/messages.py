@@ -458,7 +458,10 @@ class LearnerProgress(Message):
     """Learner's position: current policy version and what it has consumed or dropped;
     `session` is drawn anew by each learner process (a change marks a restart, the only time
     consumed_groups may go backwards); `received` lists grant ids whose groups reached the
-    learner since its previous progress message (receipts)."""
+    learner since its previous progress message (receipts); `resumed` the grant ids the
+    checkpoint this session started from holds (trained or dropped), as flat half-open
+    ranges [start0, end0, start1, end1, ...]: at a new session the allocator settles, by id,
+    what the old one received and the new one does not hold (allocator/ledger.py)."""
 
     TYPE: ClassVar[str] = "LearnerProgress"
     version: int = wire(_VERSION)
@@ -467,6 +470,7 @@ class LearnerProgress(Message):
     dropped_stale: int = wire(_COUNT)
     session: int = wire(_COUNT, default=0)
     received: list[int] = wire(ListOf(_COUNT, LIST_LEN), default_factory=list)
+    resumed: list[int] = wire(ListOf(_COUNT, LIST_LEN), default_factory=list)
 
 
 # ---------------------------------------------------------------- learner -> actors: weights

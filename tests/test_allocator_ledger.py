@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from allocator.config import AllocatorConfig
 from allocator.ledger import RESTORE_ID_GAP, Ledger
+from protocol.idset import IdSet
 from protocol.messages import NoWork, StatsReport, WorkGrant
 from tasks.problems import Problem
 
@@ -221,26 +222,85 @@ def test_pacing_still_reissues_expired_work() -> None:
     assert isinstance(led.request("a", 1, LEASE), NoWork)
 
 
+def completed_step(led: Ledger, now: float = 0.0) -> list[int]:
+    """One step of work (4 groups) leased, reported and received; their grant ids."""
+    ids = []
+    for g in grants(led, 4, now=now):
+        led.report(report_of(g), now)
+        led.receipts([g.grant_id])
+        ids.append(g.grant_id)
+    return ids
+
+
 def test_a_restarted_learner_reopens_the_pacing_window_and_lost_groups_are_counted() -> None:
     led = ledger(max_staleness=0, prompts_per_step=4)
-    for g in grants(led, 4):  # one step of work, completed and consumed
-        led.report(report_of(g))
-        led.receipts([g.grant_id])
+    step1 = completed_step(led)  # one step of work, completed and consumed
     assert led.progress(version=1, consumed_groups=4, session=1) == "accepted"
-    for g in grants(led, 4):  # a second step received, then the learner dies unconsumed
-        led.report(report_of(g))
-        led.receipts([g.grant_id])
+    step2 = completed_step(led)  # a second step received, then the learner dies unconsumed
     assert isinstance(led.request("a", 1, 0.0), NoWork)
     # resumed from the step-1 checkpoint: the very count the ledger holds, yet the 4 groups
     # the dead learner had received are gone with it
-    assert led.progress(version=1, consumed_groups=4, session=2) == "restart"
+    assert led.progress(version=1, consumed_groups=4, session=2,
+                        resumed=IdSet(step1)) == "restart"
     assert led.counters["groups_lost_to_learner_restart"] == 4
+    assert list(led.lost) == step2
     assert len(grants(led, 4)) == 4  # the window is open again
     assert led.progress(version=0, consumed_groups=0, session=3) == "restart"  # from scratch
     # from scratch: the 4 groups the step-1 checkpoint had trained on are lost too
     assert led.counters["groups_lost_to_learner_restart"] == 8
+    assert list(led.lost) == sorted(step1 + step2)
     assert led.counters["learner_restarts"] == 2
     assert (led.learner_version, led.consumed_groups) == (0, 0)
+
+
+def test_a_restart_settles_by_id_after_the_allocator_restored_an_older_snapshot() -> None:
+    """The interleaving a loaded 15-minute fault run hit (docs/GUARANTEES.md): the allocator
+    snapshots, the learner dies holding a step and restarts (settled), trains on, and then the
+    allocator is restored from the snapshot taken before the restart. The restored ledger
+    sees the restart again, from a learner that has consumed more since: settling by count
+    (received - consumed) undercounted the loss; by id it is exact."""
+    led = ledger(max_staleness=0, prompts_per_step=4)
+    step1 = completed_step(led)
+    assert led.progress(version=1, consumed_groups=4, session=1) == "accepted"
+    step2 = completed_step(led)
+    snapshot = led.state_dict()  # before the restart
+    # the learner dies holding step2 and restarts from the step-1 checkpoint, then trains
+    # two more steps before the allocator crashes
+    assert led.progress(version=1, consumed_groups=4, session=2,
+                        resumed=IdSet(step1)) == "restart"
+    assert list(led.lost) == step2
+    step3 = completed_step(led)
+    assert led.progress(version=2, consumed_groups=8, session=2,
+                        resumed=IdSet(step1)) == "accepted"
+    step4 = completed_step(led)
+    assert led.progress(version=3, consumed_groups=12, session=2,
+                        resumed=IdSet(step1)) == "accepted"
+    restored = ledger(max_staleness=0, prompts_per_step=4)
+    restored.load_state_dict(snapshot, now=1.0)
+    assert restored.progress(version=3, consumed_groups=12, session=2,
+                             resumed=IdSet(step1)) == "restart"
+    # by count: received 8 - consumed 12 -> nothing lost; by id the 4 of step2 are lost
+    assert list(restored.lost) == step2
+    assert restored.counters["groups_lost_to_learner_restart"] == 4
+    # step3 and step4 completed after the snapshot: unknown here, re-issued, never "lost"
+    assert not set(restored.lost) & set(step3 + step4)
+
+
+def test_a_restart_forgets_receipts_of_outstanding_grants_so_they_are_reissued() -> None:
+    """A group received by the dead learner whose actor has not reported yet: the grant is
+    not lost, its receipt is forgotten, and it is re-issued after its lease."""
+    led = ledger(max_staleness=0, prompts_per_step=4)
+    held = grants(led, 4)
+    led.receipts([g.grant_id for g in held])  # received, reports still on their way
+    assert led.progress(version=0, consumed_groups=0, session=1) == "accepted"
+    assert led.progress(version=0, consumed_groups=0, session=2) == "restart"
+    assert len(led.lost) == 0 and led.counters["receipts_forgotten_at_restart"] == 4
+    for g in held:
+        assert led.report(report_of(g), now=1.0) == "accepted"
+    assert len(led.completed) == 0  # waits for a receipt that will never come
+    assert led.expire(1.0 + LEASE) == 4
+    assert [g.grant_id for g in grants(led, 4, now=1.0 + LEASE)] == \
+        [g.grant_id for g in held]
 
 
 def test_learner_progress_that_cannot_be_true_is_refused_and_changes_nothing() -> None:
@@ -291,7 +351,7 @@ def test_snapshot_restores_position_leases_and_statistics() -> None:
     restored.load_state_dict(state, now=100.0)
     for key in ("epoch", "cursor", "round", "issued_groups", "completed_groups",
                 "received_groups", "learner_version", "consumed_groups", "learner_session",
-                "formed", "completed"):
+                "formed", "completed", "received_ids", "lost"):
         assert getattr(restored, key) == getattr(led, key), key
     assert len(restored.completed) == 7 and len(restored.formed) == 3 * B
     # ids skip past anything issued between the snapshot and a crash: never reused
@@ -331,6 +391,7 @@ def test_a_resumed_run_forgets_the_previous_launchs_work_in_flight() -> None:
     learner (it must not keep the pacing window full: the resumed learner reports the same
     consumed count, so there is no regression for progress() to see)."""
     led = ledger(max_staleness=2, prompts_per_step=4)
+    assert led.progress(version=0, consumed_groups=0, session=1) == "accepted"
     done = grants(led, 4)
     for g in done:  # completed, then the learner that received them died unconsumed
         led.report(report_of(g))
@@ -341,7 +402,10 @@ def test_a_resumed_run_forgets_the_previous_launchs_work_in_flight() -> None:
     state["resume"] = True
     new = ledger(max_staleness=2, prompts_per_step=4)
     new.load_state_dict(state, now=0.0)
-    assert new.counters["groups_lost_to_resume"] == 4
+    # the resumed learner (a new session, from a checkpoint holding none of them) settles
+    assert new.progress(version=0, consumed_groups=0, session=2, resumed=IdSet()) == "restart"
+    assert new.counters["groups_lost_to_learner_restart"] == 4
+    assert list(new.lost) == sorted(g.grant_id for g in done)
     assert new.outstanding() == 4  # the re-queued leases, nothing else
     again = grants(new, 8, actor="b")
     assert [g.grant_id for g in again[:4]] == sorted(g.grant_id for g in held)  # first

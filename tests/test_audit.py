@@ -16,7 +16,7 @@ from allocator.ledger import Ledger
 from allocator.service import write_snapshot
 from launch.audit import audit
 from launch.cli import main as cli
-from learner.grant_record import RECORD_FILE, GrantRecord
+from learner.grant_record import ARCHIVE_DIR, RECORD_FILE, GrantRecord
 from protocol.idset import IdSet
 from protocol.messages import StatsReport
 from tasks.problems import Problem
@@ -121,15 +121,29 @@ def test_a_group_never_issued_fails_the_audit(tmp_path) -> None:
     assert cli(["audit", str(tmp_path)]) == 1
 
 
-def test_a_lost_group_fails_the_audit_unless_a_learner_restart_counted_it(tmp_path) -> None:
+def test_a_lost_group_fails_the_audit_unless_a_learner_that_died_held_it(tmp_path) -> None:
     led, rec, ids = finished_run(tmp_path)
     rec.trained.discard(ids[5])  # received, completed, then vanished
     save(tmp_path, led, rec, [ids[13]])
     assert [v.split(":")[0] for v in audit(tmp_path)["violations"]] == ["lost"]
     assert cli(["audit", str(tmp_path)]) == 1
-    led.counters["groups_lost_to_learner_restart"] = 1  # lost with the learner's memory
+    # a count no longer excuses it: the allocator must name the grant lost, by id
+    led.counters["groups_lost_to_learner_restart"] = 1
     save(tmp_path, led, rec, [ids[13]])
+    assert [v.split(":")[0] for v in audit(tmp_path)["violations"]] == ["lost"]
+    led.lost.add(ids[5])  # recorded lost at a restart ...
+    save(tmp_path, led, rec, [ids[13]])
+    # ... but no finished learner session held it: an invented loss
+    assert [v.split(":")[0] for v in audit(tmp_path)["violations"]] == ["lost unheld"]
+    archive = tmp_path / ARCHIVE_DIR
+    archive.mkdir()
+    dead = GrantRecord()
+    dead.add_trained(ids[:5])
+    dead.write(archive.parent, pending=[ids[5]], session=7)  # it died holding ids[5] ...
+    (tmp_path / RECORD_FILE).replace(archive / "7.json")
+    save(tmp_path, led, rec, [ids[13]])  # ... and the next session wrote its own record
     assert audit(tmp_path)["violations"] == []
+    assert audit(tmp_path)["totals"]["recorded_lost"] == 1
 
 
 def test_groups_still_in_flight_are_not_lost(tmp_path) -> None:
@@ -142,3 +156,69 @@ def test_groups_still_in_flight_are_not_lost(tmp_path) -> None:
 
 def test_audit_of_a_directory_without_records_says_so(tmp_path) -> None:
     assert cli(["audit", str(tmp_path)]) == 2
+
+
+class _IntakeOf:
+    """What the progress reporter reads from the learner's intake: a restored record."""
+
+    def __init__(self, record: GrantRecord) -> None:
+        self.record, self.counters = record, {"consumed": len(record.consumed())}
+
+    def take_receipts(self) -> list[int]:
+        return [40, 41]
+
+    def give_back_receipts(self, ids: list[int]) -> None:
+        assert not ids, f"receipts {ids} not sent"
+
+    def pending(self) -> list[int]:
+        return [40, 41]
+
+
+def test_a_new_learner_session_archives_the_last_one_and_reports_what_it_resumed_from(
+        tmp_path) -> None:
+    """The learner side of settling a restart by id: the previous session's last record is
+    moved aside (the audit's proof that a lost group was held by a learner that died), and
+    every progress report carries the ids the resumed checkpoint holds."""
+    import zmq
+
+    from learner.progress import ProgressReporter
+    from protocol.sockets import recv
+
+    dead = GrantRecord()
+    dead.add_trained(range(0, 30))
+    dead.write(tmp_path, pending=[30, 31], session=99)
+    resumed = GrantRecord()  # the checkpoint it resumes from: 0-19, 22, one stale drop
+    resumed.add_trained([*range(0, 20), 22])
+    resumed.add_dropped("stale", 25)
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    a.bind("inproc://progress")
+    b.connect("inproc://progress")
+    try:
+        reporter = ProgressReporter(a, _IntakeOf(resumed), tmp_path, "learner-0")
+        archived = json.loads((tmp_path / ARCHIVE_DIR / "99.json").read_text())
+        assert archived["pending"] == [[30, 32]] and archived["trained"] == [[0, 30]]
+        assert not (tmp_path / RECORD_FILE).exists()
+        reporter.send(version=3, step=1)
+        msg = recv(b)
+        assert msg.resumed == [0, 20, 22, 23, 25, 26]
+        assert msg.received == [40, 41] and msg.session == reporter.session
+        assert json.loads((tmp_path / RECORD_FILE).read_text())["session"] == reporter.session
+        # the allocator's settlement from that message: what the dead session received
+        # beyond the checkpoint is lost, by id
+        led = Ledger(PROBLEMS, CFG, rule="variance", verifier="integer", prompts_per_step=4,
+                     max_staleness=100)
+        gs = led.request("a", 16, 0.0)
+        assert led.progress(version=0, consumed_groups=0, session=99) == "accepted"
+        for g in gs:
+            led.report(StatsReport(grant_id=g.grant_id, lease_id=g.lease_id,
+                                   problem_id=g.problem_id, actor_id="a", k=1, n=g.n))
+        led.receipts([g.grant_id for g in gs])
+        held = IdSet.from_ranges(zip(msg.resumed[::2], msg.resumed[1::2], strict=True))
+        assert led.progress(version=msg.version, consumed_groups=msg.consumed_groups,
+                            session=msg.session, resumed=held) == "restart"
+        assert list(led.lost) == [g.grant_id for g in gs if g.grant_id not in held]
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+        ctx.term()

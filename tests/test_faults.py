@@ -129,7 +129,12 @@ def test_resumed_learner_continues_from_its_checkpoint_and_the_run_goes_on(stack
     st = status(s.run_dir)
     assert st["counters"].get("learner_restarts", 0) >= 1  # the allocator saw it and
     assert st["learner_version"] >= ckpt["version"]  # reopened its pacing window
-    s.audit()  # what the killed learner had received beyond its checkpoint: counted lost
+    totals = s.audit()  # what the killed learner received beyond its checkpoint: lost
+    # the killed session's last record, moved aside by the new one: the audit checked every
+    # group recorded lost against it (held by a learner that died)
+    assert len(list((s.run_dir / "learner_grants.d").glob("*.json"))) == 1
+    assert totals["recorded_lost"] == status(s.run_dir)["counters"].get(
+        "groups_lost_to_learner_restart", 0)
 
 
 def last_record(path: Path) -> dict:

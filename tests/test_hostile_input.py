@@ -181,12 +181,17 @@ def test_an_actor_key_cannot_move_the_allocators_view_of_the_learner(tiny_model,
                                       dropped_stale=0, session=1))
         send(learner, LearnerProgress(version=0, consumed_groups=0, consumed_samples=0,
                                       dropped_stale=0, session=1))  # no restart marker
+        for resumed in ([5], [9, 3], [0, 4, 2, 6]):  # odd, empty or overlapping ranges
+            send(learner, LearnerProgress(version=0, consumed_groups=0, consumed_samples=0,
+                                          dropped_stale=0, session=2, resumed=resumed,
+                                          received=[0, 1]))
         send(actor, WorkRequest(actor_id="a", want=2, policy_version=0))
         grants = [recv(actor), recv(actor)]  # the actor is still served, grants signed
         assert all(isinstance(g, WorkGrant) and len(g.mac) == 32 for g in grants)
         want = {"refused_role_LearnerProgress": 2, "refused_role_Heartbeat": 1,
                 "refused_role_WorkRequest": 1, "progress_refused_impossible_version": 1,
-                "progress_refused_consumed_regression": 1}
+                "progress_refused_consumed_regression": 1,
+                "progress_refused_malformed_resumed": 3, "receipts_ignored": 6}
         wait_for(lambda: all(_status(tmp_path)["counters"].get(k) == v
                              for k, v in want.items()), 30, f"the refusals {want}")
         st = _status(tmp_path)
