@@ -235,6 +235,22 @@ class Ledger:
             if g.reported:
                 self._complete(g)
 
+    def refused(self, leases: list[tuple[int, int]]) -> int:
+        """The learner refused these (grant, lease)s' groups (e.g. generated with weights
+        newer than a restarted learner's): re-queue each at the front now, if that lease is
+        still the grant's current one and its group was not received; returns how many."""
+        out = 0
+        for gid, lease in sorted(leases, reverse=True):
+            g = self.grants.get(gid)
+            if g is None or g.lease_id != lease or not g.actor_id or g.received:
+                self.counters["refusal_ignored"] += 1
+                continue
+            g.actor_id, g.reported = "", False
+            self.queue.appendleft(gid)
+            out += 1
+        self.counters["groups_refused_by_learner"] += out
+        return out
+
     def _complete(self, g: Grant) -> None:
         del self.grants[g.grant_id]
         self.completed.add(g.grant_id)

@@ -161,6 +161,7 @@ class AllocatorService:
                 ledger.counters["receipts_ignored"] += len(msg.received)
             else:
                 ledger.receipts(list(msg.received))
+                ledger.refused(list(zip(msg.refused[::2], msg.refused[1::2], strict=False)))
         else:
             ledger.counters["rejected_unexpected_type"] += 1
             log.warning("unexpected %s from %r", type(msg).__name__, ident[:32])

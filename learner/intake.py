@@ -7,7 +7,11 @@ Guarantees:
   token ids are within the model's vocabulary, every sample fits max_model_len, log-probs
   are finite and <= 0 (within float32 rounding), token versions are not ahead of the
   learner's. A refused group is counted (`refused_<code>`), never queued and never
-  acknowledged, so the allocator re-issues its grant; the run goes on.
+  acknowledged; when its grant is authentic (MAC checked) its (grant, lease) goes back to the
+  allocator with the next progress (`take_refusals`), which re-issues it at once instead of
+  after a lease period (a restarted learner refuses every group generated with the dead
+  one's newer weights: without this, those grants held the pacing window for a lease); the
+  run goes on.
 - Every group queued is acknowledged to the allocator (`take_receipts`, sent with the
   learner's progress) and listed in `pending()` until consumed.
 - A group is trained on at most once (duplicates by grant id are dropped and counted), and
@@ -36,7 +40,7 @@ from protocol.codec import decode
 from protocol.errors import ProtocolError
 from protocol.handshakes import HandshakeWatch
 from protocol.idset import IdSet
-from protocol.messages import LOGPROB_EPS, RolloutGroup
+from protocol.messages import LIST_LEN, LOGPROB_EPS, RolloutGroup
 from protocol.sockets import SocketOptions, open_socket, start_authenticator
 
 log = logging.getLogger("dynamo.learner.intake")
@@ -95,6 +99,7 @@ class Intake:
         self.record = GrantRecord()
         self._lock = threading.Lock()  # receipts and pending, shared with the intake thread
         self._receipts: list[int] = []
+        self._refusals: list[int] = []  # flat (grant_id, lease_id) pairs
         self._pending: Counter[int] = Counter()
         self._partial: list[RolloutGroup] = []  # taken before a stop, for the next take
         self._backlog: list[RolloutGroup] = []  # queued, not yet taken
@@ -136,6 +141,10 @@ class Intake:
             code = check_group(msg, self.bounds, self.learner_version)
             if code is not None:
                 self._refuse(code, f"group {msg.grant_id} from {msg.actor_id}")
+                if code != "grant_mac":  # an authentic grant: re-issue it now
+                    with self._lock:
+                        if len(self._refusals) < LIST_LEN:
+                            self._refusals += [msg.grant_id, msg.lease_id]
                 continue
             while not self._stop.is_set():
                 try:
@@ -158,6 +167,13 @@ class Intake:
     def give_back_receipts(self, ids: list[int]) -> None:
         with self._lock:
             self._receipts[:0] = ids
+
+    def take_refusals(self) -> list[int]:
+        """(grant_id, lease_id) pairs, flat, of authentic groups refused since the last
+        call (not given back if unsent: the grant's lease expires anyway)."""
+        with self._lock:
+            out, self._refusals = self._refusals, []
+        return out
 
     def pending(self) -> list[int]:
         """Grant ids queued and not yet consumed."""

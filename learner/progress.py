@@ -47,7 +47,8 @@ class ProgressReporter:
             version=version, consumed_groups=c.get("consumed", 0),
             consumed_samples=c.get("consumed_samples", 0),
             dropped_stale=c.get("dropped_stale", 0), session=self.session,
-            received=receipts[:LIST_LEN], resumed=self.resumed)
+            received=receipts[:LIST_LEN], resumed=self.resumed,
+            refused=intake.take_refusals())
         beat = Heartbeat(sender=self.sender, role="learner", sent_at=time.time(),
                          policy_version=version, in_flight=[])
         try:

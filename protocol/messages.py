@@ -471,6 +471,9 @@ class LearnerProgress(Message):
     session: int = wire(_COUNT, default=0)
     received: list[int] = wire(ListOf(_COUNT, LIST_LEN), default_factory=list)
     resumed: list[int] = wire(ListOf(_COUNT, LIST_LEN), default_factory=list)
+    # (grant_id, lease_id) pairs, flat, of groups the learner refused since its previous
+    # message (their grant MAC checked): the allocator re-issues them at once
+    refused: list[int] = wire(ListOf(_COUNT, LIST_LEN), default_factory=list)
 
 
 # ---------------------------------------------------------------- learner -> actors: weights

@@ -286,6 +286,26 @@ def test_a_restart_settles_by_id_after_the_allocator_restored_an_older_snapshot(
     assert not set(restored.lost) & set(step3 + step4)
 
 
+def test_a_group_the_learner_refused_is_reissued_at_once_for_its_current_lease_only() -> None:
+    """E.g. generated with the newer weights of a learner that has since restarted: waiting
+    for the lease (120 s by default, renewed by every allocator restart) held the pacing
+    window shut."""
+    led = ledger(max_staleness=0, prompts_per_step=4)
+    a, b, c, d = grants(led, 4)
+    led.report(report_of(a))
+    led.receipts([c.grant_id])
+    assert isinstance(led.request("a", 1, 0.0), NoWork)  # the window is full
+    assert led.refused([(a.grant_id, a.lease_id), (b.grant_id, b.lease_id + 1),
+                        (c.grant_id, c.lease_id), (10**9, 1)]) == 1
+    assert led.counters["groups_refused_by_learner"] == 1
+    assert led.counters["refusal_ignored"] == 3  # another lease, received, unknown
+    again = grants(led, 4, now=1.0, actor="b")
+    assert [g.grant_id for g in again] == [a.grant_id]  # re-issued before the lease ran out
+    assert again[0].lease_id != a.lease_id
+    assert led.report(report_of(a)) == "late"  # the old lease's report changes nothing
+    assert led.report(report_of(again[0])) == "accepted"
+
+
 def test_a_restart_forgets_receipts_of_outstanding_grants_so_they_are_reissued() -> None:
     """A group received by the dead learner whose actor has not reported yet: the grant is
     not lost, its receipt is forgotten, and it is re-issued after its lease."""

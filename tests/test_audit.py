@@ -173,6 +173,9 @@ class _IntakeOf:
     def pending(self) -> list[int]:
         return [40, 41]
 
+    def take_refusals(self) -> list[int]:
+        return [50, 3]  # grant 50, lease 3
+
 
 def test_a_new_learner_session_archives_the_last_one_and_reports_what_it_resumed_from(
         tmp_path) -> None:
@@ -203,6 +206,7 @@ def test_a_new_learner_session_archives_the_last_one_and_reports_what_it_resumed
         msg = recv(b)
         assert msg.resumed == [0, 20, 22, 23, 25, 26]
         assert msg.received == [40, 41] and msg.session == reporter.session
+        assert msg.refused == [50, 3]
         assert json.loads((tmp_path / RECORD_FILE).read_text())["session"] == reporter.session
         # the allocator's settlement from that message: what the dead session received
         # beyond the checkpoint is lost, by id

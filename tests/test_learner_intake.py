@@ -88,6 +88,9 @@ def test_intake_takes_groups_only_from_actor_keys_and_acknowledges_only_those(tm
         wait_for(lambda: intake.auth.allow_list.refused >= 1, 10, "the refused handshake")
         time.sleep(0.2)
         assert intake.take_receipts() == [4, 4]  # nothing refused is ever acknowledged
+        # the authentic grant refused (token ids) goes back for re-issue, with its lease;
+        # the forged one does not (its grant id and lease cannot be trusted)
+        assert intake.take_refusals() == [3, 7] and intake.take_refusals() == []
         assert intake.counters["received"] == 4
         assert {k: v for k, v in intake.counters.items() if k.startswith("refused_")} == {
             "refused_grant_mac": 1, "refused_token_id": 1}
