@@ -178,8 +178,11 @@ class Engine:
                        logprobs_mode="processed_logprobs", enable_prefix_caching=True, dtype=dtype,
                        **kwargs)
         self.engine = self.llm.llm_engine
+        # detokenize=False: we use token ids only (scoring decodes the completion itself);
+        # vLLM would otherwise decode every sampled token twice per step (text and logprob)
         self._params = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                            logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY)
+                            logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY,
+                            detokenize=False)
         self._sampling = SamplingParams
         self.max_tokens = max_tokens
         self.tokenizer = self.llm.get_tokenizer()

@@ -156,21 +156,24 @@ class Ledger:
         """Groups issued that the learner has not consumed yet."""
         return self.issued_groups - self.consumed_groups
 
-    def fair_share(self, actor_id: str, now: float) -> int:
+    def fair_share(self, actor_id: str, now: float, seen: bool = True) -> int:
         """Most grants one actor may hold: the pacing window split over the live actors, so
         one greedy actor cannot take all the work while another idles (and a stopped one
-        holds little that must wait for its lease to expire)."""
-        self.last_seen[actor_id] = now
+        holds little that must wait for its lease to expire). `seen`: the actor is asking
+        now (not a parked request served later)."""
+        if seen:
+            self.last_seen[actor_id] = now
         live = sum(1 for t in self.last_seen.values() if now - t <= self.cfg.lease_s)
         held = sum(1 for g in self.grants.values() if g.actor_id == actor_id and not g.reported)
         return max(1, -(-self.window // live)) - held
 
-    def request(self, actor_id: str, want: int, now: float, mac=None
+    def request(self, actor_id: str, want: int, now: float, mac=None, parked: bool = False
                 ) -> list[WorkGrant] | NoWork:
         """Up to `want` grants for the actor; `mac(grant_id, lease_id, problem_id, n)` signs
-        each one (protocol.auth.grant_mac) when given."""
+        each one (protocol.auth.grant_mac) when given. `parked`: a request the service holds
+        until work can be issued, tried again (neither a sign of life nor counted as paced)."""
         out: list[WorkGrant] = []
-        want = min(want, self.fair_share(actor_id, now))
+        want = min(want, self.fair_share(actor_id, now, seen=not parked))
         while len(out) < want:
             if not self.queue:
                 # Only fresh work is paced; re-issued grants were counted when first issued.
@@ -197,7 +200,8 @@ class Ledger:
         if out:
             self.counters["grants_issued"] += len(out)
             return out
-        self.counters["requests_paced"] += 1
+        if not parked:
+            self.counters["requests_paced"] += 1
         return NoWork(retry_after_s=0.05,
                       reason=f"pacing: {self.outstanding()} groups outstanding, window "
                              f"{self.window} (learner version {self.learner_version})")
@@ -374,8 +378,12 @@ class Ledger:
             setattr(self, key, int(s[key]))
         self.formed = IdSet.from_ranges(s["formed"])
         self.completed = IdSet.from_ranges(s["completed"])
-        self.received_ids = IdSet.from_ranges(s["received_ids"])
-        self.lost = IdSet.from_ranges(s["lost"])
+        self.lost = IdSet.from_ranges(s.get("lost", []))
+        if "received_ids" in s:
+            self.received_ids = IdSet.from_ranges(s["received_ids"])
+        else:  # a snapshot from before ids were kept: every grant it knew received
+            self.received_ids = self.completed.union(IdSet(sorted(
+                g["grant_id"] for g in s["grants"] if g["received"])))
         self.learner_session = s["learner_session"]
         self.grants = {g["grant_id"]: Grant(**g) for g in s["grants"]}
         # Leases held before the restart stay valid for one more lease period: their actors

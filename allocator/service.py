@@ -11,6 +11,10 @@ restart, so a restarted allocator continues the same epoch with the same statist
 snapshot is also written whenever a round is formed, before any of its grants is sent, so
 every grant id an actor may hold is in the ledger a restart restores.
 
+A work request the pacing window turns down is parked: its grants are pushed the moment work
+can be issued (the learner took a batch, an actor reported, a grant was re-queued), not when
+the actor polls again, so a batch's hand-over costs one message, not a poll interval.
+
 It records spans of its work (allocate: a request that formed a new round; grant: one served
 from the current round; expire; snapshot) and, for every heartbeat, a clock sample
 `receive wall time - sent_at` per sender, from which the trace merger estimates each
@@ -83,6 +87,10 @@ def read_snapshot(run_dir: Path) -> dict | None:
         return pickle.load(f)
 
 
+PARKED_RETRY_S = 1.0  # a parked actor asks again this often (NoWork.retry_after_s)
+PARKED_FOR_S = 3 * PARKED_RETRY_S  # a parked request not renewed by then is dropped
+
+
 class AllocatorService:
     def __init__(self, problems: list[Problem], cfg: AllocatorConfig, *, rule: str,
                  verifier: str, prompts_per_step: int, max_staleness: int, endpoint: str,
@@ -103,6 +111,9 @@ class AllocatorService:
             log.info("restored snapshot: epoch %d round %d, %d grants outstanding",
                      self.ledger.epoch, self.ledger.round, len(self.ledger.grants))
         self.stop = asyncio.Event()
+        # ident -> (actor id, grants still wanted, when asked): requests the pacing window
+        # turned down, answered as soon as work can be issued (`_serve_parked`)
+        self.parked: dict[bytes, tuple[str, int, float]] = {}
         self.auth = None
         self.handshakes: HandshakeWatch | None = None
 
@@ -123,20 +134,22 @@ class AllocatorService:
                         ident[:32])
             return
         if isinstance(msg, WorkRequest):
-            t, rnd = now_ns(), ledger.round
-            reply = ledger.request(msg.actor_id, msg.want, now, mac=self.mac)
-            granted = 0 if isinstance(reply, NoWork) else len(reply)
-            if ledger.round != rnd:  # the new round's ids are durable before any is sent
-                write_snapshot(ledger, self.run_dir)
-            record("allocate" if ledger.round != rnd else "grant", t, now_ns(),
-                   round=ledger.round, granted=granted)
-            for m in ([reply] if isinstance(reply, NoWork) else reply):
-                await self._send(sock, ident, m)
+            self.parked.pop(ident, None)
+            reply = await self._grant(sock, ident, msg.actor_id, msg.want, now)
+            if isinstance(reply, NoWork):
+                # Parked: the grants go out the moment the window opens (a learner's take,
+                # a report, a re-queue), not at the actor's next poll; the NoWork tells it
+                # to ask again only after PARKED_RETRY_S (a backstop, and its sign of life).
+                self.parked[ident] = (msg.actor_id, msg.want, now)
+                await self._send(sock, ident, NoWork(retry_after_s=PARKED_RETRY_S,
+                                                     reason=reply.reason))
         elif isinstance(msg, StatsReport):
             status = ledger.report(msg, now)
             if status != "accepted":
                 log.info("ignored %s report for grant %d (lease %d) from %s", status,
                          msg.grant_id, msg.lease_id, msg.actor_id)
+            else:
+                await self._serve_parked(sock)
         elif isinstance(msg, Heartbeat):
             # NTP-style: receive - send = one-way delay + (our clock - sender's clock).
             event("clock_sample", sender=msg.sender,
@@ -162,9 +175,44 @@ class AllocatorService:
             else:
                 ledger.receipts(list(msg.received))
                 ledger.refused(list(zip(msg.refused[::2], msg.refused[1::2], strict=False)))
+                await self._serve_parked(sock)
         else:
             ledger.counters["rejected_unexpected_type"] += 1
             log.warning("unexpected %s from %r", type(msg).__name__, ident[:32])
+
+    async def _grant(self, sock: zmq.asyncio.Socket, ident: bytes, actor_id: str, want: int,
+                     now: float, parked: bool = False) -> list | NoWork:
+        """Grants for one request, sent; a NoWork is returned, not sent."""
+        ledger = self.ledger
+        t, rnd = now_ns(), ledger.round
+        reply = ledger.request(actor_id, want, now, mac=self.mac, parked=parked)
+        if ledger.round != rnd:  # the new round's ids are durable before any is sent
+            write_snapshot(ledger, self.run_dir)
+        if isinstance(reply, NoWork):
+            return reply
+        record("allocate" if ledger.round != rnd else "grant", t, now_ns(),
+               round=ledger.round, granted=len(reply), parked=parked)
+        for m in reply:
+            await self._send(sock, ident, m)
+        return reply
+
+    async def _serve_parked(self, sock: zmq.asyncio.Socket) -> None:
+        """Answer parked requests, oldest first, with whatever work can be issued now; a
+        request is forgotten once served in full or after PARKED_FOR_S (its actor asks again
+        every PARKED_RETRY_S while alive)."""
+        now = time.monotonic()
+        for ident, (actor_id, want, since) in list(self.parked.items()):
+            if now - since > PARKED_FOR_S:
+                del self.parked[ident]
+                continue
+            reply = await self._grant(sock, ident, actor_id, want, now, parked=True)
+            if isinstance(reply, NoWork):
+                continue
+            self.ledger.counters["grants_pushed"] += len(reply)
+            if want - len(reply) > 0:
+                self.parked[ident] = (actor_id, want - len(reply), since)
+            else:
+                del self.parked[ident]
 
     def _allowed(self, msg, frame) -> bool:
         """Whether the key this message came with may send it (always, without CURVE)."""
@@ -188,7 +236,7 @@ class AllocatorService:
             self.ledger.counters["send_failed"] += 1
             log.warning("send to %r failed: %s", ident[:32], e)
 
-    async def _housekeeping(self) -> None:
+    async def _housekeeping(self, sock: zmq.asyncio.Socket) -> None:
         last_snap = time.monotonic()
         while not self.stop.is_set():
             await asyncio.sleep(0.25)
@@ -196,6 +244,7 @@ class AllocatorService:
                 n = self.ledger.expire(time.monotonic())
             if n:
                 log.warning("%d leases expired; grants re-queued", n)
+            await self._serve_parked(sock)  # also: a dead actor's fair share freed
             if self.auth is not None:  # CURVE handshakes refused by the allow-list
                 self.ledger.counters["refused_unauthenticated"] = self.auth.allow_list.refused
             if self.handshakes is not None:  # every refused handshake, by kind
@@ -220,7 +269,7 @@ class AllocatorService:
             self.handshakes = HandshakeWatch(ctx)
             self.handshakes.watch(sock, "allocator")
         log.info("allocator serving %s (%d problems)", self.endpoint, len(self.ledger.problems))
-        house = asyncio.create_task(self._housekeeping())
+        house = asyncio.create_task(self._housekeeping(sock))
         try:
             while not self.stop.is_set():
                 if await sock.poll(200) & zmq.POLLIN:

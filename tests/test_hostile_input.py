@@ -22,6 +22,7 @@ from protocol.messages import (
     PROTOCOL_VERSION,
     Heartbeat,
     LearnerProgress,
+    NoWork,
     RolloutGroup,
     StatsReport,
     WorkGrant,
@@ -221,3 +222,51 @@ def _rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+def test_a_paced_work_request_is_answered_the_moment_the_learner_takes_a_batch(tiny_model,
+                                                                               tmp_path):
+    """The pacing window turns a request down with NoWork (ask again in a second); the
+    request is parked, and its grants are pushed as soon as the learner's progress opens
+    the window, without the actor asking again."""
+    cfg_path = make_config(tmp_path, tiny_model, allocator={"batch_prompts": 4,
+                                                            "max_staleness": 1},
+                           learner={"prompts_per_step": 4})
+    cfg = load_config(cfg_path)
+    generate_run_keys(tmp_path / "keys")
+    alloc = Proc("allocator", cfg_path)
+    ctx = zmq.Context()
+    try:
+        socks = {}
+        for role in ("actor", "learner"):
+            k = RunKeys.load(tmp_path / "keys", role)
+            socks[role] = open_socket(ctx, zmq.DEALER, cfg.network.allocator, bind=False,
+                                      keys=k.connect(k.allocator),
+                                      options=SocketOptions(rcvtimeo_ms=5000))
+        wait_for(lambda: (tmp_path / "allocator_status.json").is_file(), 60, "the allocator")
+        learner, actor = socks["learner"], socks["actor"]
+        send(learner, LearnerProgress(version=0, consumed_groups=0, consumed_samples=0,
+                                      dropped_stale=0, session=1))
+        send(actor, WorkRequest(actor_id="a", want=100, policy_version=0))
+        first = [recv(actor) for _ in range(4)]  # the window: one step of 4 groups
+        assert all(isinstance(g, WorkGrant) for g in first)
+        send(actor, WorkRequest(actor_id="a", want=100, policy_version=0))
+        paced = recv(actor)
+        assert isinstance(paced, NoWork) and paced.retry_after_s >= 1.0
+        for g in first:  # the actor reports its groups (they go to the learner) ...
+            send(actor, StatsReport(grant_id=g.grant_id, lease_id=g.lease_id,
+                                    problem_id=g.problem_id, actor_id="a", k=1, n=g.n))
+        time.sleep(0.3)
+        t = time.monotonic()  # ... and the learner takes them
+        send(learner, LearnerProgress(version=0, consumed_groups=4, consumed_samples=0,
+                                      dropped_stale=0, session=1))  # it took the batch
+        pushed = [recv(actor) for _ in range(4)]  # no new request sent
+        waited = time.monotonic() - t
+        assert all(isinstance(g, WorkGrant) for g in pushed), pushed
+        assert {g.grant_id for g in pushed}.isdisjoint(g.grant_id for g in first)
+        assert waited < paced.retry_after_s  # before the actor would have asked again
+        wait_for(lambda: _status(tmp_path)["counters"].get("grants_pushed") == 4, 10,
+                 "the pushed grants counted")
+    finally:
+        alloc.stop()
+        ctx.destroy(linger=0)
