@@ -58,6 +58,7 @@ from tasks.problems import Problem
 log = logging.getLogger("dynamo.allocator")
 
 RESTORE_ID_GAP = 1 << 24  # more grants than any snapshot period issues
+PAST_SESSIONS = 64  # settled learner sessions remembered: their late progress is refused
 
 
 @dataclass(slots=True)
@@ -113,6 +114,7 @@ class Ledger:
         self.learner_version = 0
         self.consumed_groups = 0
         self.learner_session: int | None = None  # of the learner process last heard from
+        self.past_sessions: list[int] = []  # settled sessions (the last PAST_SESSIONS)
         self.counters: Counter[str] = Counter()
         self.last_seen: dict[str, float] = {}  # actor id -> last request or heartbeat
 
@@ -163,7 +165,7 @@ class Ledger:
         now (not a parked request served later)."""
         if seen:
             self.last_seen[actor_id] = now
-        live = sum(1 for t in self.last_seen.values() if now - t <= self.cfg.lease_s)
+        live = max(1, sum(1 for t in self.last_seen.values() if now - t <= self.cfg.lease_s))
         held = sum(1 for g in self.grants.values() if g.actor_id == actor_id and not g.reported)
         return max(1, -(-self.window // live)) - held
 
@@ -239,20 +241,21 @@ class Ledger:
             if g.reported:
                 self._complete(g)
 
-    def refused(self, leases: list[tuple[int, int]]) -> int:
-        """The learner refused these (grant, lease)s' groups (e.g. generated with weights
-        newer than a restarted learner's): re-queue each at the front now, if that lease is
-        still the grant's current one and its group was not received; returns how many."""
+    def refused(self, leases: list[tuple[int, int]], why: str = "refused_by_learner") -> int:
+        """These (grant, lease)s will never bring a group: the learner refused it (generated
+        with weights newer than a restarted learner's) or the grant never left this service
+        (`why` = "unsent"). Re-queue each at the front now, if that lease is still the
+        grant's current one and its group was not received; returns how many."""
         out = 0
         for gid, lease in sorted(leases, reverse=True):
             g = self.grants.get(gid)
             if g is None or g.lease_id != lease or not g.actor_id or g.received:
-                self.counters["refusal_ignored"] += 1
+                self.counters[f"{why}_ignored"] += 1
                 continue
             g.actor_id, g.reported = "", False
             self.queue.appendleft(gid)
             out += 1
-        self.counters["groups_refused_by_learner"] += out
+        self.counters[f"groups_{why}"] += out
         return out
 
     def _complete(self, g: Grant) -> None:
@@ -277,7 +280,10 @@ class Ledger:
         started from (none: it started from scratch)."""
         if version > self.updates_per_batch * (consumed_groups // self.prompts_per_step):
             return self._refuse("impossible_version")  # no learner gets there on that data
+        if session in self.past_sessions:
+            return self._refuse("stale_session")  # a late message of a settled session
         restart = self.learner_session is not None and session != self.learner_session
+        old_session = self.learner_session
         if not restart:
             if consumed_groups < self.consumed_groups:
                 return self._refuse("consumed_regression")  # no restart marker
@@ -285,6 +291,7 @@ class Ledger:
                 return self._refuse("version_regression")
         self.learner_session = session
         if restart:
+            self.past_sessions = [*self.past_sessions[-(PAST_SESSIONS - 1):], old_session]
             self._settle_restart(resumed if resumed is not None else IdSet(),
                                  consumed_groups, version)
             self.learner_version = version
@@ -362,7 +369,7 @@ class Ledger:
             "formed": self.formed.ranges(), "completed": self.completed.ranges(),
             "received_ids": self.received_ids.ranges(), "lost": self.lost.ranges(),
             "learner_version": self.learner_version, "consumed_groups": self.consumed_groups,
-            "learner_session": self.learner_session,
+            "learner_session": self.learner_session, "past_sessions": self.past_sessions,
             "counters": dict(self.counters),
             "num_problems": len(self.problems),
         }
@@ -381,10 +388,13 @@ class Ledger:
         self.lost = IdSet.from_ranges(s.get("lost", []))
         if "received_ids" in s:
             self.received_ids = IdSet.from_ranges(s["received_ids"])
-        else:  # a snapshot from before ids were kept: every grant it knew received
-            self.received_ids = self.completed.union(IdSet(sorted(
-                g["grant_id"] for g in s["grants"] if g["received"])))
+        else:  # a snapshot from before ids were kept: its restarts were settled by count
+            # (issued_groups already net of them), so its completed grants count as settled;
+            # only receipts of grants still outstanding are open
+            self.received_ids = IdSet(sorted(g["grant_id"] for g in s["grants"]
+                                             if g["received"]))
         self.learner_session = s["learner_session"]
+        self.past_sessions = list(s.get("past_sessions", []))
         self.grants = {g["grant_id"]: Grant(**g) for g in s["grants"]}
         # Leases held before the restart stay valid for one more lease period: their actors
         # may still report (they reconnect), otherwise the grants are re-issued.

@@ -188,12 +188,17 @@ class AllocatorService:
         reply = ledger.request(actor_id, want, now, mac=self.mac, parked=parked)
         if ledger.round != rnd:  # the new round's ids are durable before any is sent
             write_snapshot(ledger, self.run_dir)
+        granted = 0 if isinstance(reply, NoWork) else len(reply)
+        if granted or not parked:
+            record("allocate" if ledger.round != rnd else "grant", t, now_ns(),
+                   round=ledger.round, granted=granted, parked=parked)
         if isinstance(reply, NoWork):
             return reply
-        record("allocate" if ledger.round != rnd else "grant", t, now_ns(),
-               round=ledger.round, granted=len(reply), parked=parked)
-        for m in reply:
-            await self._send(sock, ident, m)
+        unsent = [(m.grant_id, m.lease_id) for m in reply
+                  if not await self._send(sock, ident, m)]
+        if unsent:  # the actor is gone: its grants must not wait out a lease
+            ledger.refused(unsent, why="unsent")
+            self.parked.pop(ident, None)
         return reply
 
     async def _serve_parked(self, sock: zmq.asyncio.Socket) -> None:
@@ -206,7 +211,7 @@ class AllocatorService:
                 del self.parked[ident]
                 continue
             reply = await self._grant(sock, ident, actor_id, want, now, parked=True)
-            if isinstance(reply, NoWork):
+            if isinstance(reply, NoWork) or ident not in self.parked:  # none, or unsent
                 continue
             self.ledger.counters["grants_pushed"] += len(reply)
             if want - len(reply) > 0:
@@ -227,14 +232,16 @@ class AllocatorService:
             return role == msg.role
         return True  # unexpected types are counted as such
 
-    async def _send(self, sock: zmq.asyncio.Socket, ident: bytes, msg) -> None:
-        # A vanished peer (ROUTER_MANDATORY) must not stop the service; a lost grant is
-        # re-issued when its lease expires.
+    async def _send(self, sock: zmq.asyncio.Socket, ident: bytes, msg) -> bool:
+        # A vanished peer (ROUTER_MANDATORY) must not stop the service; a grant that could
+        # not be sent is re-queued by the caller.
         try:
             await sock.send_multipart([ident, *encode(msg)], flags=zmq.NOBLOCK, copy=False)
+            return True
         except zmq.ZMQError as e:
             self.ledger.counters["send_failed"] += 1
             log.warning("send to %r failed: %s", ident[:32], e)
+            return False
 
     async def _housekeeping(self, sock: zmq.asyncio.Socket) -> None:
         last_snap = time.monotonic()

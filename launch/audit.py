@@ -60,9 +60,13 @@ def finished_sessions(run_dir: Path) -> IdSet:
     or pending)."""
     out = IdSet()
     for path in sorted((run_dir / ARCHIVE_DIR).glob("*.json")):
-        d = json.loads(path.read_text())
-        rec = GrantRecord.from_dict(d)
-        out.update(rec.consumed().union(IdSet.from_ranges(d["pending"])))
+        try:
+            d = json.loads(path.read_text())
+            rec = GrantRecord.from_dict(d)
+            pending = IdSet.from_ranges(d["pending"])
+        except (ValueError, KeyError) as e:  # kept aside torn, or edited
+            raise ValueError(f"{path.name}: {e}") from e
+        out.update(rec.consumed().union(pending))
     return out
 
 
@@ -96,14 +100,19 @@ def audit(run_dir: Path) -> dict[str, Any]:
         violations.append(f"never issued: {len(never)} grant ids trained or dropped that "
                           f"the allocator never formed ({_ids(never)})")
     counters = alloc["counters"]
-    lost = IdSet.from_ranges(alloc["lost"])
+    lost = IdSet.from_ranges(alloc.get("lost", []))
     missing = completed.difference(consumed.union(pending))
     unaccounted = missing.difference(lost)
     if unaccounted:
         violations.append(f"lost: {len(unaccounted)} completed grants neither trained, "
                           f"dropped nor pending at the learner, nor recorded lost with a "
                           f"learner restart ({_ids(unaccounted)})")
-    unheld = lost.difference(finished_sessions(run_dir))
+    try:
+        held = finished_sessions(run_dir)
+    except ValueError as e:
+        violations.append(f"learner record malformed: {ARCHIVE_DIR}/{e}")
+        held = IdSet()
+    unheld = lost.difference(held)
     if unheld:
         violations.append(f"lost unheld: {len(unheld)} grants recorded lost with a learner "
                           f"restart that no finished learner session held ({_ids(unheld)})")

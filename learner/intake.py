@@ -7,11 +7,11 @@ Guarantees:
   token ids are within the model's vocabulary, every sample fits max_model_len, log-probs
   are finite and <= 0 (within float32 rounding), token versions are not ahead of the
   learner's. A refused group is counted (`refused_<code>`), never queued and never
-  acknowledged; when its grant is authentic (MAC checked) its (grant, lease) goes back to the
+  acknowledged. A group refused for versions ahead of the learner (generated with the newer
+  weights of a learner that has since restarted) hands its (grant, lease) back to the
   allocator with the next progress (`take_refusals`), which re-issues it at once instead of
-  after a lease period (a restarted learner refuses every group generated with the dead
-  one's newer weights: without this, those grants held the pacing window for a lease); the
-  run goes on.
+  after a lease period (those grants held the pacing window for a lease); other refusals
+  would repeat, so they wait for their lease. The run goes on.
 - Every group queued is acknowledged to the allocator (`take_receipts`, sent with the
   learner's progress) and listed in `pending()` until consumed.
 - A group is trained on at most once (duplicates by grant id are dropped and counted), and
@@ -141,7 +141,7 @@ class Intake:
             code = check_group(msg, self.bounds, self.learner_version)
             if code is not None:
                 self._refuse(code, f"group {msg.grant_id} from {msg.actor_id}")
-                if code != "grant_mac":  # an authentic grant: re-issue it now
+                if code == "version_ahead":  # authentic (MAC checked), and a re-run fixes it
                     with self._lock:
                         if len(self._refusals) < LIST_LEN:
                             self._refusals += [msg.grant_id, msg.lease_id]

@@ -36,6 +36,10 @@ class ProgressReporter:
         self.session = secrets.randbits(62) + 1
         self.resumed = [x for r in intake.record.consumed().ranges() for x in r]
         archive_previous_record(Path(run_dir))
+        # at once: a session killed before its first report must still leave a record (the
+        # audit would otherwise read the checkpoint, with no pending ids)
+        intake.record.write(self.run_dir, pending=intake.pending(), session=self.session,
+                            counters=dict(intake.counters))
 
     def send(self, version: int, step: int) -> None:
         intake = self.intake

@@ -1,6 +1,6 @@
 """msgpack codec: messages <-> ZeroMQ multipart frames, numpy arrays without copies.
 
-Wire format (PROTOCOL_VERSION 2):
+Wire format (PROTOCOL_VERSION 3):
     frame 0      msgpack map {"v": version, "t": wire type, "f": {header fields},
                               "a": [[field, dtype, shape], ...]}
     frame 1..k   one raw buffer per entry of "a", in order: a little-endian C-contiguous array

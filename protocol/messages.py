@@ -23,7 +23,7 @@ import numpy as np
 
 from protocol.errors import ArrayMismatch, FieldTypeError, InvalidValue
 
-PROTOCOL_VERSION = 2  # 2: grant MACs, learner sessions and receipts
+PROTOCOL_VERSION = 3  # 2: grant MACs, learner sessions and receipts; 3: restarts settled by id
 
 # A behaviour log-prob may round to slightly above 0 in float32 (p == 1 after temperature).
 LOGPROB_EPS = 1e-4
@@ -31,6 +31,7 @@ LOGPROB_EPS = 1e-4
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 ID_LEN = 256  # actor ids, problem ids, verifier names
 TEXT_LEN = 1 << 20  # prompts and reference answers, in characters
+RESUMED_LEN = 1 << 22  # ints of a checkpoint's id ranges (2 per range: 2M holes)
 LIST_LEN = 1 << 16  # in-flight grant ids, tensors of one weight announce
 MAX_TOKENS = 1 << 24  # tokens in one group: 16M x 12 bytes stays under the 256 MiB message cap
 MAX_SAMPLES = 4096  # samples per prompt (the paper's n_max is 24)
@@ -470,7 +471,7 @@ class LearnerProgress(Message):
     dropped_stale: int = wire(_COUNT)
     session: int = wire(_COUNT, default=0)
     received: list[int] = wire(ListOf(_COUNT, LIST_LEN), default_factory=list)
-    resumed: list[int] = wire(ListOf(_COUNT, LIST_LEN), default_factory=list)
+    resumed: list[int] = wire(ListOf(_COUNT, RESUMED_LEN), default_factory=list)
     # (grant_id, lease_id) pairs, flat, of groups the learner refused since its previous
     # message (their grant MAC checked): the allocator re-issues them at once
     refused: list[int] = wire(ListOf(_COUNT, LIST_LEN), default_factory=list)

@@ -298,12 +298,45 @@ def test_a_group_the_learner_refused_is_reissued_at_once_for_its_current_lease_o
     assert led.refused([(a.grant_id, a.lease_id), (b.grant_id, b.lease_id + 1),
                         (c.grant_id, c.lease_id), (10**9, 1)]) == 1
     assert led.counters["groups_refused_by_learner"] == 1
-    assert led.counters["refusal_ignored"] == 3  # another lease, received, unknown
+    assert led.counters["refused_by_learner_ignored"] == 3  # another lease, received, unknown
     again = grants(led, 4, now=1.0, actor="b")
     assert [g.grant_id for g in again] == [a.grant_id]  # re-issued before the lease ran out
     assert again[0].lease_id != a.lease_id
     assert led.report(report_of(a)) == "late"  # the old lease's report changes nothing
     assert led.report(report_of(again[0])) == "accepted"
+
+
+def test_late_progress_of_a_settled_session_is_refused() -> None:
+    """A message of the old learner handled after the new one's must not settle again (it
+    would mark what the new session trained as lost)."""
+    led = ledger(max_staleness=0, prompts_per_step=4)
+    step1 = completed_step(led)
+    assert led.progress(version=1, consumed_groups=4, session=1) == "accepted"
+    assert led.progress(version=1, consumed_groups=4, session=2,
+                        resumed=IdSet(step1)) == "restart"
+    assert led.progress(version=1, consumed_groups=4, session=1) == "stale_session"
+    assert led.counters["learner_restarts"] == 1 and len(led.lost) == 0
+    restored = ledger(max_staleness=0, prompts_per_step=4)
+    restored.load_state_dict(led.state_dict(), now=0.0)
+    assert restored.progress(version=1, consumed_groups=4, session=1) == "stale_session"
+
+
+def test_a_snapshot_from_before_ids_were_kept_does_not_count_old_losses_again() -> None:
+    """Such a snapshot's restarts were settled by count (issued_groups is already net of
+    them): its completed grants are taken as settled, only open receipts can be lost."""
+    led = ledger(max_staleness=0, prompts_per_step=4)
+    step1 = completed_step(led)
+    assert led.progress(version=1, consumed_groups=4, session=1) == "accepted"
+    completed_step(led)  # received by a learner that died: settled by count back then
+    state = led.state_dict()
+    del state["received_ids"], state["lost"], state["past_sessions"]
+    state["issued_groups"] -= 4
+    state["counters"]["groups_lost_to_learner_restart"] = 4
+    old = ledger(max_staleness=0, prompts_per_step=4)
+    old.load_state_dict(state, now=0.0)
+    assert old.progress(version=1, consumed_groups=4, session=2,
+                        resumed=IdSet(step1)) == "restart"
+    assert len(old.lost) == 0 and old.outstanding() == 0  # not subtracted twice
 
 
 def test_a_restart_forgets_receipts_of_outstanding_grants_so_they_are_reissued() -> None:
@@ -408,8 +441,8 @@ def test_snapshot_of_another_problem_count_is_refused() -> None:
 def test_a_resumed_run_forgets_the_previous_launchs_work_in_flight() -> None:
     """`--resume` restores the checkpoint's snapshot. Work issued but not consumed then is
     either leased (re-queued at once: its actor is gone) or completed and lost with the old
-    learner (it must not keep the pacing window full: the resumed learner reports the same
-    consumed count, so there is no regression for progress() to see)."""
+    learner (it must not keep the pacing window full): the resumed learner's first progress
+    comes from a new session and settles those by id against its checkpoint."""
     led = ledger(max_staleness=2, prompts_per_step=4)
     assert led.progress(version=0, consumed_groups=0, session=1) == "accepted"
     done = grants(led, 4)

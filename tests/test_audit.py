@@ -144,6 +144,9 @@ def test_a_lost_group_fails_the_audit_unless_a_learner_that_died_held_it(tmp_pat
     save(tmp_path, led, rec, [ids[13]])  # ... and the next session wrote its own record
     assert audit(tmp_path)["violations"] == []
     assert audit(tmp_path)["totals"]["recorded_lost"] == 1
+    (archive / "unreadable-1.json").write_text("{torn")  # kept aside by the learner
+    assert [v.split(":")[0] for v in audit(tmp_path)["violations"]] == [
+        "learner record malformed", "lost unheld"]
 
 
 def test_groups_still_in_flight_are_not_lost(tmp_path) -> None:
@@ -201,7 +204,10 @@ def test_a_new_learner_session_archives_the_last_one_and_reports_what_it_resumed
         reporter = ProgressReporter(a, _IntakeOf(resumed), tmp_path, "learner-0")
         archived = json.loads((tmp_path / ARCHIVE_DIR / "99.json").read_text())
         assert archived["pending"] == [[30, 32]] and archived["trained"] == [[0, 30]]
-        assert not (tmp_path / RECORD_FILE).exists()
+        # and the new session's own record is there at once (a kill before its first
+        # report must not leave the audit reading the checkpoint, without pending ids)
+        fresh = json.loads((tmp_path / RECORD_FILE).read_text())
+        assert fresh["session"] == reporter.session and fresh["pending"] == [[40, 42]]
         reporter.send(version=3, step=1)
         msg = recv(b)
         assert msg.resumed == [0, 20, 22, 23, 25, 26]

@@ -84,16 +84,18 @@ def test_intake_takes_groups_only_from_actor_keys_and_acknowledges_only_those(tm
         send(as_actor, group(3, s, completion_token_ids=np.array([6, 1, 99], np.int32)))
         send(as_actor, group(4, s))
         send(as_actor, group(4, s))  # delivered twice
-        wait_for(lambda: intake.counters["received"] >= 4, 10, "the groups")
+        send(as_actor, group(6, s, token_versions=np.array([0, 1, 5], np.int32)))
+        wait_for(lambda: intake.counters["received"] >= 5, 10, "the groups")
         wait_for(lambda: intake.auth.allow_list.refused >= 1, 10, "the refused handshake")
         time.sleep(0.2)
         assert intake.take_receipts() == [4, 4]  # nothing refused is ever acknowledged
-        # the authentic grant refused (token ids) goes back for re-issue, with its lease;
-        # the forged one does not (its grant id and lease cannot be trusted)
-        assert intake.take_refusals() == [3, 7] and intake.take_refusals() == []
-        assert intake.counters["received"] == 4
+        # the group made with weights ahead of the learner goes back for re-issue, with its
+        # lease; a forged grant (untrustworthy ids) or bad tokens (a re-run would repeat
+        # them) wait for their lease
+        assert intake.take_refusals() == [6, 7] and intake.take_refusals() == []
+        assert intake.counters["received"] == 5
         assert {k: v for k, v in intake.counters.items() if k.startswith("refused_")} == {
-            "refused_grant_mac": 1, "refused_token_id": 1}
+            "refused_grant_mac": 1, "refused_token_id": 1, "refused_version_ahead": 1}
         assert intake.pending() == [4]
         batch = intake.take(1, version=1, max_staleness=2)
         assert [g.grant_id for g in batch] == [4]
