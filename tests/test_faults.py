@@ -4,7 +4,7 @@ allocator, DeepSpeed learner and vLLM actors as separate processes on loopback (
 Each test kills, stops or restarts a process and checks that the run goes on; then it stops
 the stack and `dynamo-rl audit` (launch/audit.py) checks, from the learner's grant record and
 the allocator's ledger, that no group was trained twice or without being issued and that
-every completed group was trained, dropped with a reason, or counted lost.
+every completed group was trained, dropped with a reason, or recorded lost (by grant id).
 """
 
 from __future__ import annotations
