@@ -58,6 +58,9 @@ from tasks.problems import Problem
 log = logging.getLogger("dynamo.allocator")
 
 RESTORE_ID_GAP = 1 << 24  # more grants than any snapshot period issues
+# A lease older than this that the actor's heartbeat does not list is not held: re-queued.
+# Longer than a grant's trip to the actor plus one heartbeat period (2 s by default).
+NOT_HELD_AFTER_S = 10.0
 PAST_SESSIONS = 64  # settled learner sessions remembered: their late progress is refused
 
 
@@ -72,6 +75,7 @@ class Grant:
     deadline: float = 0.0
     issued_version: int = 0
     reported: bool = False  # stats applied; the learner's receipt still to come
+    leased_at: float = 0.0  # when the current lease was issued (this process's clock)
     received: bool = False  # the learner has the group; the report still to come
 
 
@@ -193,6 +197,7 @@ class Ledger:
             self.next_lease_id += 1
             g.lease_id, g.actor_id = self.next_lease_id, actor_id
             g.deadline, g.issued_version = now + self.cfg.lease_s, self.learner_version
+            g.leased_at = now
             p = self.problems[g.problem]
             out.append(WorkGrant(grant_id=gid, lease_id=g.lease_id, problem_id=p.id,
                                  prompt=p.prompt, answer=p.answer, verifier=self.verifier,
@@ -264,14 +269,24 @@ class Ledger:
         self.completed_groups += 1
 
     def heartbeat(self, actor_id: str, in_flight: list[int], now: float) -> None:
-        """Renew the leases an alive actor still holds."""
+        """Renew the leases an alive actor still holds, and re-queue the ones it does not:
+        leased to it at least NOT_HELD_AFTER_S ago, not reported, and not in its list (it
+        never got them, or dropped them: e.g. a restored allocator renewed leases that its
+        predecessor had re-queued, and restores every lease period kept them alive)."""
         self.last_seen[actor_id] = now
+        held = set(in_flight)
         for gid in in_flight:
             g = self.grants.get(gid)
             # A reported grant waits for its group, not for its actor: no renewal.
             if g is not None and g.actor_id == actor_id and g.deadline > now \
                     and not g.reported:
                 g.deadline = now + self.cfg.lease_s
+        gone = [g for g in self.grants.values() if g.actor_id == actor_id and not g.reported
+                and g.grant_id not in held and now - g.leased_at >= NOT_HELD_AFTER_S]
+        for g in sorted(gone, key=lambda g: -g.grant_id):
+            g.actor_id = ""
+            self.queue.appendleft(g.grant_id)
+        self.counters["leases_not_held"] += len(gone)
 
     def progress(self, version: int, consumed_groups: int, session: int = 0,
                  resumed: IdSet | None = None) -> str:
@@ -397,10 +412,12 @@ class Ledger:
         self.past_sessions = list(s.get("past_sessions", []))
         self.grants = {g["grant_id"]: Grant(**g) for g in s["grants"]}
         # Leases held before the restart stay valid for one more lease period: their actors
-        # may still report (they reconnect), otherwise the grants are re-issued.
+        # may still report (they reconnect), otherwise the grants are re-issued; an actor's
+        # first heartbeat re-queues at once those it does not hold (`heartbeat`).
         for g in self.grants.values():
             if g.actor_id:
                 g.deadline = now + self.cfg.lease_s
+                g.leased_at = now - NOT_HELD_AFTER_S
         self.queue = deque(s["queue"])
         self.counters = Counter(s["counters"])
         self.counters["restored"] += 1

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from allocator.config import AllocatorConfig
-from allocator.ledger import RESTORE_ID_GAP, Ledger
+from allocator.ledger import NOT_HELD_AFTER_S, RESTORE_ID_GAP, Ledger
 from protocol.idset import IdSet
 from protocol.messages import NoWork, StatsReport, WorkGrant
 from tasks.problems import Problem
@@ -163,6 +163,30 @@ def test_expired_grants_are_reissued_first_with_new_leases() -> None:
     assert again[3].grant_id == old[-1].grant_id + 1  # fresh work only after the re-issues
     assert led.issued_groups == 4  # a re-issue is not new work for pacing
     assert led.expire(LEASE) == 0  # new deadlines
+
+
+def test_leases_an_actor_does_not_hold_are_requeued_from_its_heartbeat() -> None:
+    """A chaos run stalled for good: a restored allocator renewed leases its predecessor had
+    re-queued, the actors held none of them, and a restore every 40 s kept the 120 s leases
+    alive, the pacing window full. The actor's heartbeat lists what it holds: a lease it
+    does not list is re-queued, once it is old enough not to be a grant still in transit."""
+    led = ledger(max_staleness=0, prompts_per_step=4)
+    held = grants(led, 4, now=0.0)
+    led.heartbeat("a", [], now=1.0)  # just sent: maybe still on the wire
+    assert led.counters["leases_not_held"] == 0
+    led.heartbeat("a", [g.grant_id for g in held[:2]], now=NOT_HELD_AFTER_S)
+    assert led.counters["leases_not_held"] == 2
+    assert [g.grant_id for g in grants(led, 4, now=NOT_HELD_AFTER_S, actor="b")] == \
+        [g.grant_id for g in held[2:]]
+    restored = ledger(max_staleness=0, prompts_per_step=4)
+    restored.load_state_dict(led.state_dict(), now=100.0)
+    assert isinstance(restored.request("a", 1, 100.0), NoWork)  # the window is full
+    restored.heartbeat("a", [], now=100.5)  # after a restore: at once
+    restored.heartbeat("b", [], now=100.5)
+    assert restored.counters["leases_not_held"] == 2 + 4  # (2: restored with the counters)
+    again = grants(restored, 4, now=100.5, actor="a") + grants(restored, 4, now=100.5,
+                                                                 actor="b")
+    assert sorted(g.grant_id for g in again) == sorted(g.grant_id for g in held)
 
 
 def test_heartbeat_renews_only_the_holders_live_leases() -> None:
