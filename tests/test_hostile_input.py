@@ -150,24 +150,30 @@ def test_unauthenticated_peers_reach_nothing(tiny_model, tmp_path):
         ctx.destroy(linger=0)
 
 
+def _allocator_with_role_sockets(cfg_path: Path, run_dir: Path):
+    """A real allocator with run keys, and a DEALER to it under the actor's and under the
+    learner's key: (allocator process, context, actor socket, learner socket)."""
+    cfg = load_config(cfg_path)
+    generate_run_keys(run_dir / "keys")
+    alloc = Proc("allocator", cfg_path)
+    ctx = zmq.Context()
+    socks = {}
+    for role in ("actor", "learner"):
+        k = RunKeys.load(run_dir / "keys", role)
+        socks[role] = open_socket(ctx, zmq.DEALER, cfg.network.allocator, bind=False,
+                                  keys=k.connect(k.allocator),
+                                  options=SocketOptions(rcvtimeo_ms=5000))
+    wait_for(lambda: (run_dir / "allocator_status.json").is_file(), 60, "the allocator")
+    return alloc, ctx, socks["actor"], socks["learner"]
+
+
 def test_an_actor_key_cannot_move_the_allocators_view_of_the_learner(tiny_model, tmp_path):
     """Progress from an actor's key (consumed 0 would fake a learner restart, version 10^6
     stalled a run), work requests from the learner's key, and progress from the learner's
     key that cannot be true are all refused and counted; the learner's view stays put."""
     cfg_path = make_config(tmp_path, tiny_model, allocator={"snapshot_every_s": 0.2})
-    cfg = load_config(cfg_path)
-    generate_run_keys(tmp_path / "keys")
-    alloc = Proc("allocator", cfg_path)
-    ctx = zmq.Context()
+    alloc, ctx, actor, learner = _allocator_with_role_sockets(cfg_path, tmp_path)
     try:
-        socks = {}
-        for role in ("actor", "learner"):
-            k = RunKeys.load(tmp_path / "keys", role)
-            socks[role] = open_socket(ctx, zmq.DEALER, cfg.network.allocator, bind=False,
-                                      keys=k.connect(k.allocator),
-                                      options=SocketOptions(rcvtimeo_ms=5000))
-        wait_for(lambda: (tmp_path / "allocator_status.json").is_file(), 60, "the allocator")
-        learner, actor = socks["learner"], socks["actor"]
         send(learner, LearnerProgress(version=1, consumed_groups=32, consumed_samples=0,
                                       dropped_stale=0, session=1))
         for msg in (LearnerProgress(version=0, consumed_groups=0, consumed_samples=0,
@@ -232,19 +238,8 @@ def test_a_paced_work_request_is_answered_the_moment_the_learner_takes_a_batch(t
     cfg_path = make_config(tmp_path, tiny_model, allocator={"batch_prompts": 4,
                                                             "max_staleness": 1},
                            learner={"prompts_per_step": 4})
-    cfg = load_config(cfg_path)
-    generate_run_keys(tmp_path / "keys")
-    alloc = Proc("allocator", cfg_path)
-    ctx = zmq.Context()
+    alloc, ctx, actor, learner = _allocator_with_role_sockets(cfg_path, tmp_path)
     try:
-        socks = {}
-        for role in ("actor", "learner"):
-            k = RunKeys.load(tmp_path / "keys", role)
-            socks[role] = open_socket(ctx, zmq.DEALER, cfg.network.allocator, bind=False,
-                                      keys=k.connect(k.allocator),
-                                      options=SocketOptions(rcvtimeo_ms=5000))
-        wait_for(lambda: (tmp_path / "allocator_status.json").is_file(), 60, "the allocator")
-        learner, actor = socks["learner"], socks["actor"]
         send(learner, LearnerProgress(version=0, consumed_groups=0, consumed_samples=0,
                                       dropped_stale=0, session=1))
         send(actor, WorkRequest(actor_id="a", want=100, policy_version=0))
