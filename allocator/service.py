@@ -154,7 +154,9 @@ class AllocatorService:
             # NTP-style: receive - send = one-way delay + (our clock - sender's clock).
             event("clock_sample", sender=msg.sender,
                   delta_ns=time.time_ns() - round(msg.sent_at * 1e9))
-            ledger.heartbeat(msg.sender, list(msg.in_flight), now)
+            if msg.role == "actor":  # a learner's heartbeat is a clock sample only: as a
+                # live "actor" it would halve every actor's fair share of the window
+                ledger.heartbeat(msg.sender, list(msg.in_flight), now)
         elif isinstance(msg, LearnerProgress):
             try:
                 resumed = IdSet.from_ranges(zip(msg.resumed[::2], msg.resumed[1::2],

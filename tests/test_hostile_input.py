@@ -230,6 +230,28 @@ def _rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+def test_a_learners_heartbeat_does_not_take_a_share_of_the_window(tiny_model, tmp_path):
+    """The pacing window is split over the live actors only: the learner's heartbeats (which
+    the allocator also receives) once counted as a second actor, so one actor held half the
+    window and generated each batch in two waves while the learner waited."""
+    cfg_path = make_config(tmp_path, tiny_model, allocator={"batch_prompts": 4,
+                                                            "max_staleness": 1},
+                           learner={"prompts_per_step": 4})
+    alloc, ctx, actor, learner = _allocator_with_role_sockets(cfg_path, tmp_path)
+    try:
+        send(learner, Heartbeat(sender="learner-0", role="learner", sent_at=time.time(),
+                            policy_version=0, in_flight=[]))
+        send(learner, LearnerProgress(version=0, consumed_groups=0, consumed_samples=0,
+                                      dropped_stale=0, session=1))
+        time.sleep(0.2)  # both handled before the request
+        send(actor, WorkRequest(actor_id="a", want=100, policy_version=0))
+        got = [recv(actor) for _ in range(4)]  # the whole window: one step of 4 groups
+        assert all(isinstance(g, WorkGrant) for g in got), got
+    finally:
+        alloc.stop()
+        ctx.destroy(linger=0)
+
+
 def test_a_paced_work_request_is_answered_the_moment_the_learner_takes_a_batch(tiny_model,
                                                                                tmp_path):
     """The pacing window turns a request down with NoWork (ask again in a second); the
