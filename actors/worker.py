@@ -518,7 +518,9 @@ class Actor:
         if isinstance(msg, WorkGrant):
             self.held += 1
             self.held_ids.add(msg.grant_id)
-            io.request_sent_at = -1e9  # answered: the next request may go
+            # answered (a pushed grant may have served the parked request in full): the next
+            # request may go at once, so the allocator always holds one to push work to
+            io.request_sent_at, io.retry_at = -1e9, 0.0
             self.grants.put(msg)
         elif isinstance(msg, NoWork):
             io.request_sent_at = -1e9

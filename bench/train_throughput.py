@@ -33,6 +33,13 @@ PRESETS = {
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                          max_position_embeddings=32768, tie_word_embeddings=True),
+    # the embedded model (configs/default.toml) and bench/throughput.py's 25M model
+    "embedded": dict(vocab_size=16, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                     tie_word_embeddings=True),
+    "25M": dict(vocab_size=16, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64,
+                tie_word_embeddings=True),
     "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                  tie_word_embeddings=True),
@@ -107,7 +114,7 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     dtype = args.dtype or ("bf16" if cuda else "fp32")
-    if args.preset == "tiny" and not cuda:
+    if args.preset != "qwen2.5-0.5b" and not cuda:
         args.prompt_len, args.min_len, args.max_len = min(args.prompt_len, 32), \
             min(args.min_len, 16), min(args.max_len, 64)
     args.min_len = min(args.min_len, args.max_len)

@@ -187,3 +187,50 @@ def test_heartbeats_and_weight_acks_continue_while_verifiers_are_slow_or_stuck(
     assert len(logged) == 1 and repr(sent) in logged[0]
     last = json.loads(metrics.read_text().splitlines()[-1])
     assert last["verifier_timeouts"] == 2 and last["groups_sent"] == 2
+
+
+def test_a_pushed_grant_lets_the_actor_ask_again_at_once(tmp_path: Path, monkeypatch) -> None:
+    """A NoWork parks the actor's request and tells it to ask again only after a while; a grant
+    the allocator then pushes may serve that parked request in full. The actor must ask again
+    at once, so the allocator always holds a request to push the next batch's work to (it
+    once waited out the NoWork's retry with nothing parked, idle while work was free)."""
+    monkeypatch.setattr(worker, "Engine", InstantEngine)
+    ports = free_ports(3)
+    ctx = zmq.Context()
+    alloc = open_socket(ctx, zmq.ROUTER, f"tcp://127.0.0.1:{ports[0]}", bind=True)
+    pull = open_socket(ctx, zmq.PULL, f"tcp://127.0.0.1:{ports[1]}", bind=True)
+    wsock = open_socket(ctx, zmq.ROUTER, f"tcp://127.0.0.1:{ports[2]}", bind=True)
+    endpoints = worker.Endpoints(*(f"tcp://127.0.0.1:{p}" for p in ports))
+    actor = worker.Actor(ActorConfig(heartbeat_s=0.1, prefetch_grants=4), "no-model", endpoints,
+                         metrics_path=tmp_path / "metrics.jsonl", task=TaskConfig())
+    runner = threading.Thread(target=actor.run)
+    runner.start()
+    requests: list[float] = []
+    pushed_at = None
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (pushed_at is None or len(requests) < 2):
+            if not alloc.poll(10):
+                continue
+            ident, msg = recv_routed(alloc)
+            if not isinstance(msg, WorkRequest):
+                continue
+            requests.append(time.monotonic())
+            if len(requests) == 1:  # parked: "ask again in 60 s" ...
+                send_routed(alloc, ident, NoWork(retry_after_s=60, reason="test"))
+                time.sleep(0.3)
+                # ... then the window opens and the parked request is served in full
+                for i in range(msg.want):
+                    send_routed(alloc, ident, WorkGrant(
+                        grant_id=i, lease_id=1, problem_id=f"p{i}", prompt="1+1=", answer="2",
+                        verifier="exact", n=2, lease_s=60, issued_version=0))
+                pushed_at = time.monotonic()
+    finally:
+        actor.stop.set()
+        runner.join(30)
+        for s in (alloc, pull, wsock):
+            s.close(linger=0)
+        ctx.term()
+    assert not runner.is_alive() and actor.failure is None
+    assert pushed_at is not None and len(requests) >= 2, requests
+    assert requests[1] - pushed_at < 5.0  # not the 60 s the NoWork said
