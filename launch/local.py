@@ -279,11 +279,13 @@ def placement_envs(cfg: RunConfig, env: dict[str, str]) -> tuple[dict[str, str],
     """(actor env, learner env): `env` with the CPU cores and OpenMP waiting of the placement."""
     actor_env, learner_env = dict(env), dict(env)
     if cfg.placement == "colocated":
-        # Actors and learner take turns (synchronous phases), each with every core; idle
-        # OpenMP threads sleep instead of spinning, so the waiting side costs nothing.
+        # Actors and learner take turns (synchronous phases), each with every core. The
+        # actors' idle OpenMP threads sleep at once instead of spinning, so the waiting side
+        # costs little. The learner's keep OpenMP's default (a short spin, then sleep): its
+        # many small parallel regions per step would each pay a futex wake-up (25M model,
+        # both passive: 30.6 completions/s; learner default: 32.0).
         every = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
-        for e in (actor_env, learner_env):
-            e["OMP_WAIT_POLICY"] = "PASSIVE"
+        actor_env["OMP_WAIT_POLICY"] = "PASSIVE"
         if not _cuda():
             actor_env["VLLM_CPU_OMP_THREADS_BIND"] = every
             learner_env["DYNAMO_CPU_AFFINITY"] = every

@@ -33,6 +33,7 @@ class Batch:
     versions: torch.Tensor  # [S, T-1] policy version of each completion token (-1 elsewhere)
     rewards: torch.Tensor  # [S]
     group_ids: torch.Tensor  # [S]
+    prompt_lens: torch.Tensor  # [S] prompt tokens of each row (rows of a group share them)
 
     @property
     def num_tokens(self) -> int:
@@ -45,7 +46,7 @@ class Batch:
         return Batch(self.input_ids[idx][:, :width], am[:, :width],
                      self.targets[idx][:, :width - 1], self.mask[idx][:, :width - 1],
                      self.logp_behaviour[idx][:, :width - 1], self.versions[idx][:, :width - 1],
-                     self.rewards[idx], self.group_ids[idx])
+                     self.rewards[idx], self.group_ids[idx], self.prompt_lens[idx])
 
 
 def build_batch(groups: list[RolloutGroup], pad_id: int = 0) -> Batch:
@@ -77,7 +78,8 @@ def build_batch(groups: list[RolloutGroup], pad_id: int = 0) -> Batch:
         logp_b[r, p - 1:n - 1] = torch.from_numpy(np.asarray(lp, dtype=np.float32))
         versions[r, p - 1:n - 1] = torch.from_numpy(np.asarray(v, dtype=np.int64))
     return Batch(input_ids, attn, input_ids[:, 1:].clone(), mask, logp_b, versions,
-                 torch.tensor(rewards, dtype=torch.float32), torch.tensor(gids))
+                 torch.tensor(rewards, dtype=torch.float32), torch.tensor(gids),
+                 torch.tensor(comp_start, dtype=torch.long))
 
 
 def shard(groups: list[RolloutGroup], rank: int, world: int) -> list[RolloutGroup]:
@@ -137,4 +139,4 @@ def dummy_batch(pad_id: int = 0) -> Batch:
     return Batch(ids, torch.ones_like(ids), ids[:, 1:].clone(),
                  torch.ones((1, 1), dtype=torch.bool), torch.zeros((1, 1)),
                  torch.full((1, 1), -1, dtype=torch.long),
-                 torch.zeros(1), torch.zeros(1, dtype=torch.long))
+                 torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long))

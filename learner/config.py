@@ -29,6 +29,10 @@ class LearnerConfig(BaseModel):
         "micro_batch", description="where H_min/H_max (β_comp) and max Ξ (β_stab) are taken: "
         "each micro-batch (the official code) or the whole optimizer update, all ranks "
         "(costs one extra forward pass per update)")
+    share_prompts: bool = Field(
+        True, description="run each group's prompt once per micro-batch, its samples attending "
+        "to its keys and values (exact; fewer tokens than n full rows); off under "
+        "gradient_checkpointing")
     logits_chunk_mib: float = Field(
         64.0, gt=0, description="LM-head chunk: float32 logits alive at once, in MiB")
     gradient_checkpointing: bool = Field(False, description="recompute the transformer's "

@@ -64,6 +64,50 @@ def chunked_logp_entropy(head: nn.Module, h: Tensor, tokens: Tensor, temperature
     return torch.cat(logps), torch.cat(ents)
 
 
+def shared_prompt_hidden(body: nn.Module, input_ids: Tensor, mask: Tensor, prompt_lens: Tensor,
+                         group_ids: Tensor) -> Tensor:
+    """The hidden states that predict the completion tokens ([N, D], in `hidden[mask]`
+    order), with each group's prompt run once instead of once per sample.
+
+    Two calls of the transformer body: (1) the distinct prompts of the micro-batch,
+    right-padded, keeping their keys and values; (2) every completion, attending to its
+    prompt's keys and values (gathered per row) and causally to itself, at positions
+    prompt_len + j. The first completion token is predicted from the prompt's last hidden
+    state. The same arithmetic as the full rows (causal attention: a prompt never sees a
+    completion), fewer tokens: a group of n samples runs its prompt once, not n times, and
+    gradients from all n reach the prompt's activations through its keys and values.
+    """
+    from transformers import DynamicCache
+
+    S, T = input_ids.shape
+    dev = input_ids.device
+    uniq, inv = torch.unique(group_ids.to(dev), return_inverse=True)  # inv: row -> prompt
+    rows = torch.arange(S, device=dev)
+    rep = torch.full((len(uniq),), S, dtype=torch.long, device=dev).scatter_reduce(
+        0, inv, rows, reduce="amin")  # the first row of each prompt
+    plen_row = prompt_lens.to(dev)
+    plen = plen_row[rep]
+    P = int(plen.max())
+    p_valid = torch.arange(P, device=dev)[None, :] < plen[:, None]  # [U, P]
+    p_ids = torch.where(p_valid, input_ids[rep, :P], 0)
+    out = body(input_ids=p_ids, attention_mask=p_valid.long(), use_cache=True)
+    hp = out.last_hidden_state  # [U, P, D]
+    kv = [(layer.keys[inv], layer.values[inv]) for layer in out.past_key_values.layers]
+
+    clen = mask.sum(1).to(dev)  # [S] completion tokens of each row
+    L = max(int(clen.max()), 1)
+    j = torch.arange(L, device=dev)
+    c_valid = j[None, :] < clen[:, None]  # [S, L]
+    src = (plen_row[:, None] + j[None, :]).clamp(max=T - 1)
+    c_ids = torch.where(c_valid, input_ids.gather(1, src), 0)
+    hc = body(input_ids=c_ids, attention_mask=torch.cat([p_valid[inv], c_valid], 1).long(),
+              position_ids=plen_row[:, None] + j[None, :],
+              past_key_values=DynamicCache(ddp_cache_data=kv), use_cache=True
+              ).last_hidden_state  # [S, L, D]
+    first = hp[inv, plen_row - 1]  # [S, D]: the prompt's last position predicts token 0
+    return torch.cat([first[:, None], hc[:, :-1]], 1)[c_valid]
+
+
 class Policy(nn.Module):
     """HF causal LM -> per-token log π and entropy of the masked (completion) positions."""
 
@@ -72,17 +116,23 @@ class Policy(nn.Module):
         self.lm = lm
         self.temperature = temperature
 
-    def forward(self, input_ids: Tensor, targets: Tensor, mask: Tensor, n_chunks: int
+    def forward(self, input_ids: Tensor, targets: Tensor, mask: Tensor, n_chunks: int,
+                prompt_lens: Tensor | None = None, group_ids: Tensor | None = None
                 ) -> tuple[Tensor, Tensor]:
         """input_ids [S, T], targets/mask [S, T-1] -> (log π, H) [S, T-1], 0 off the mask.
 
         Rows are right-padded, so under causal attention no real token sees a pad: the
         padding mask changes nothing we read, and leaving it out lets SDPA take its fused
-        causal kernel.
+        causal kernel. With `prompt_lens` and `group_ids` ([S]; rows of one group share
+        their prompt) each prompt is run once (`shared_prompt_hidden`).
         """
         body = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.model
-        hidden = body(input_ids=input_ids).last_hidden_state[:, :-1]  # [S, T-1, D]
-        h = hidden[mask]  # [N, D]: completion positions only
+        if prompt_lens is None:
+            hidden = body(input_ids=input_ids).last_hidden_state[:, :-1]  # [S, T-1, D]
+            h = hidden[mask]  # [N, D]: completion positions only
+        else:
+            assert group_ids is not None
+            h = shared_prompt_hidden(body, input_ids, mask, prompt_lens, group_ids)
         logp, ent = chunked_logp_entropy(self.lm.get_output_embeddings(), h, targets[mask],
                                          self.temperature, n_chunks)
         logp_full = torch.zeros(mask.shape, dtype=logp.dtype, device=logp.device)

@@ -204,6 +204,9 @@ class Trainer:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.chunk_tokens = chunk_tokens_for(model.config.vocab_size, cfg.logits_chunk_mib)
+        # each group's prompt runs once per micro-batch (learner/policy.py); HF's gradient
+        # checkpointing drops the prompts' keys and values, so it runs the full rows instead
+        self.share_prompts = cfg.share_prompts and not cfg.gradient_checkpointing
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -224,8 +227,9 @@ class Trainer:
     def _forward(self, mb: Batch, n_chunks: int, module=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(log π, H) [S, T-1] of the micro-batch's completion tokens."""
         dev = self.device
+        shared = (mb.prompt_lens.to(dev), mb.group_ids.to(dev)) if self.share_prompts else ()
         return (module or self.engine)(mb.input_ids.to(dev), mb.targets.to(dev),
-                                       mb.mask.to(dev), n_chunks)
+                                       mb.mask.to(dev), n_chunks, *shared)
 
     def _plan(self, batch: Batch | None) -> tuple[list[torch.Tensor], int, int]:
         """This rank's micro-batches of `batch`, the number every rank runs (the most any

@@ -65,3 +65,53 @@ def test_chunk_size_bounds_the_logits_whatever_the_vocabulary():
         c = chunk_tokens_for(vocab, 64.0)
         assert 0.5 * 64 <= c * vocab * 4 / 2**20 <= 64
     assert n_chunks_for(0, 100) == 1 and n_chunks_for(250, 100) == 3
+
+
+def _groups(prompt_lens, completion_lens, vocab, seed=0):
+    """Rollout groups with the given prompt lengths and per-sample completion lengths."""
+    import numpy as np
+
+    from protocol.messages import RolloutGroup
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (p, lens) in enumerate(zip(prompt_lens, completion_lens, strict=True)):
+        lens = np.asarray(lens, dtype=np.int32)
+        total = int(lens.sum())
+        out.append(RolloutGroup(
+            grant_id=i, lease_id=1, problem_id=f"p{i}", actor_id="t",
+            prompt_token_ids=rng.integers(1, vocab, size=p).astype(np.int32),
+            completion_token_ids=rng.integers(1, vocab, size=total).astype(np.int32),
+            completion_lengths=lens, behaviour_logprobs=np.zeros(total, np.float32),
+            token_versions=np.zeros(total, np.int32), rewards=np.zeros(len(lens), np.float32),
+            finished=np.ones(len(lens), bool), gen_seconds=0.0))
+    return out
+
+
+@pytest.mark.parametrize("rows", [None, [0, 2, 3, 5, 6]])
+def test_each_prompt_run_once_gives_the_full_rows_log_probs_entropies_and_gradients(rows):
+    """learner.share_prompts: a group's prompt runs once and its samples attend to its keys
+    and values. Prompts of different lengths, groups of different sizes and completion
+    lengths (one token included), and a micro-batch holding part of a group each."""
+    from learner.batch import build_batch
+
+    lm = small_lm(vocab=50, tied=True)
+    policy = Policy(lm, temperature=0.7)
+    batch = build_batch(_groups([3, 9, 5], [[4, 1, 6], [2, 7], [5, 5, 3, 1]], vocab=50))
+    if rows is not None:
+        batch = batch.rows(torch.tensor(rows))
+    grads = []
+    outs = []
+    for shared in (False, True):
+        lm.zero_grad()
+        extra = (batch.prompt_lens, batch.group_ids) if shared else ()
+        lp, H = policy(batch.input_ids, batch.targets, batch.mask, 2, *extra)
+        (lp * torch.linspace(0.5, 1.5, lp.numel()).view_as(lp)).sum().backward()
+        outs.append((lp.detach(), H))
+        grads.append([p.grad.clone() for p in lm.parameters()])
+    (lp_full, H_full), (lp_shared, H_shared) = outs
+    assert torch.allclose(lp_full, lp_shared, atol=1e-5)
+    assert torch.allclose(H_full, H_shared, atol=1e-5)
+    assert (lp_shared[~batch.mask] == 0).all()
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
