@@ -38,8 +38,13 @@ from actors.kernel_swap import KernelSwap, Prepared, Unsupported
 log = logging.getLogger("dynamo.actor")
 
 
-def configure_vllm_env(kv_cache_gib: float) -> None:
+def configure_vllm_env(kv_cache_gib: float, enforce_eager: bool = True) -> None:
     """Process-wide vLLM settings; must run before vllm is imported."""
+    if enforce_eager:
+        # Eager means no compilation anywhere: vLLM's sampler still compiles one small op
+        # (the sampled token's rank, for logprobs) at its first call, 1.6 s on the critical
+        # path of start-up on one core (and about a minute with a cold inductor cache)
+        os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: 3-5 s start
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
@@ -144,7 +149,7 @@ class Engine:
                  enforce_eager: bool = True, block_size: int | None = None,
                  weight_loader: str = "packed", sleep_mode: bool = False) -> None:
         check_weight_loader(weight_loader, tensor_parallel_size)
-        configure_vllm_env(kv_cache_gib)
+        configure_vllm_env(kv_cache_gib, enforce_eager)
         from vllm import LLM, SamplingParams
         from vllm.sampling_params import RequestOutputKind
 

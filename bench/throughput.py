@@ -7,21 +7,26 @@ each with every core) and each model size (the 0.5M embedded model; a 25M Qwen2,
 samples per step) and the same number of steps, and reports from the run's own records:
 completions/s in the training loop (samples / time from the first to the last step), the
 wall time of the whole command, the start-up (launch -> first learner step) and the
-held-out pass@1 at the end (embedded model only: the 25M model is untrained).
+held-out pass@1 at the end (embedded model only: the 25M model is untrained), scored
+afterwards by `dynamo-rl eval` (16 samples per problem at temperature 1) with no evaluation
+inside the loop, as TRL's model is.
 
     python bench/throughput.py                        # both sizes, both placements
     python bench/throughput.py --models tiny --steps 60
     python bench/throughput.py --peer trl             # and TRL's GRPOTrainer side by side
+    python bench/throughput.py --peer trl --repeat 3  # medians of 3 alternating rounds
 
 `--peer trl` also runs TRL's GRPOTrainer (bench/trl_grpo.py, in its own environment under
 .cache/bench-trl, installed on first use; never a dependency of the project) on the same
-model, task, batch shape and number of sampled completions. Then both final models of the
-embedded size are scored by the same `dynamo-rl eval` (held-out set, 16 samples per problem
-at temperature 1), so accuracy per sampled completion is compared on one evaluator.
+model, task, batch shape and number of sampled completions, and its final model of the
+embedded size is scored by the same `dynamo-rl eval`, so accuracy per sampled completion is
+compared on one evaluator. This machine's timings move by ±10% from run to run: `--repeat`
+runs every configuration (ours and TRL's, alternating) several times and reports medians.
 
 Final line: JSON with `rows` ([{model, placement, completions_per_s, wall_s, startup_s,
-pass1_after, peer_completions_per_s, eval_pass1}]), `colocated_over_disaggregated` and
-`over_peer` (ours / TRL's completions/s, per model and placement).
+eval_pass1, peer_completions_per_s, peer_eval_pass1, runs_completions_per_s, ...}], medians
+over the repeats), `colocated_over_disaggregated` and `over_peer` (ours / TRL's
+completions/s, per model and placement).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,8 +63,8 @@ def run_once(model: str, placement: str, steps: int, tmp: Path, seed: int,
         # untrained: every group is flat unless kept (the learner then does its full work)
         args += ["--model.path", str(path), "--learner.eval_every", "0",
                  "--learner.skip_zero_signal", "false", "--preset", "grpo"]
-    else:
-        args += ["--learner.eval_every", str(steps)]
+    else:  # scored afterwards by `dynamo-rl eval`, as TRL's model is: no evaluation in the loop
+        args += ["--learner.eval_every", "0"]
     t0 = time.time()
     r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=3600)
     wall = time.time() - t0
@@ -66,14 +72,12 @@ def run_once(model: str, placement: str, steps: int, tmp: Path, seed: int,
         raise RuntimeError(f"{model}/{placement}: {r.stdout[-2000:]}{r.stderr[-2000:]}")
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps_ = [x for x in recs if x.get("step", 0) > 0]
-    evals = [x for x in recs if "eval/pass1" in x]
     # the training loop: from the end of the first step to the end of the last
     loop_s = steps_[-1]["time"] - steps_[0]["time"]
     samples = sum(x["samples"] for x in steps_[1:])
     return {"model": model, "placement": placement, "steps": len(steps_),
             "completions_per_s": samples / loop_s, "wall_s": wall,
             "startup_s": steps_[0]["time"] - t0,
-            "pass1_after": evals[-1]["eval/pass1"] if evals else None,
             "model_dir": str(run_dir), "model_path": _model_arg(args)}
 
 
@@ -111,47 +115,70 @@ def held_out_pass1(model_dir: str, tmp: Path, name: str) -> float:
     return json.loads(out.read_text())["benchmarks"]["arithmetic"]["pass@1"]
 
 
+def one_round(args: argparse.Namespace, tmp: Path, rep: int) -> list[dict]:
+    """Every model and placement once, then TRL on each model (when asked)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model in args.models:
+        steps = args.steps if model == "tiny" else args.steps_25m
+        for placement in args.placements:
+            row = run_once(model, placement, steps, tmp, args.seed, keep_final=model == "tiny")
+            # the 25M model is untrained: its accuracy says nothing
+            row["eval_pass1"] = held_out_pass1(row["model_dir"], tmp, placement) \
+                if model == "tiny" else None
+            rows.append(row)
+            p1 = "" if row["eval_pass1"] is None else f"{row['eval_pass1']:.3f}"
+            print(f"{rep:>3} {model:>6} {placement:>14} {row['completions_per_s']:>9.1f} "
+                  f"{row['wall_s']:>8.1f} {row['startup_s']:>8.1f} {p1:>7}", flush=True)
+        if args.peer:
+            peer = run_peer(model, rows[-1]["model_path"], steps, tmp, args.seed)
+            peer_p1 = held_out_pass1(peer["model_dir"], tmp, "trl") if model == "tiny" else None
+            p1 = "" if peer_p1 is None else f"{peer_p1:.3f}"
+            print(f"{rep:>3} {model:>6} {'trl':>14} {peer['completions_per_s']:>9.1f} "
+                  f"{peer['wall_s']:>8.1f} {peer['startup_s']:>8.1f} {p1:>7}", flush=True)
+            for r in rows:
+                if r["model"] == model:
+                    r.update(peer_completions_per_s=peer["completions_per_s"],
+                             peer_wall_s=peer["wall_s"], peer_startup_s=peer["startup_s"],
+                             peer_eval_pass1=peer_p1)
+    return rows
+
+
+def median_rows(runs: list[list[dict]]) -> list[dict]:
+    """One row per (model, placement): the median of every figure over the repeats, with
+    each repeat's completions/s (and TRL's) kept as lists."""
+    out = []
+    for i, first in enumerate(runs[0]):
+        same = [run[i] for run in runs]
+        row = {k: first[k] for k in ("model", "placement", "steps")}
+        for k in ("completions_per_s", "wall_s", "startup_s", "eval_pass1",
+                  "peer_completions_per_s", "peer_wall_s", "peer_startup_s", "peer_eval_pass1"):
+            vals = [r[k] for r in same if r.get(k) is not None]
+            if vals:
+                row[k] = statistics.median(vals)
+        row["runs_completions_per_s"] = [r["completions_per_s"] for r in same]
+        if "peer_completions_per_s" in first:
+            row["runs_peer_completions_per_s"] = [r["peer_completions_per_s"] for r in same]
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--placements", nargs="+", default=["disaggregated", "colocated"])
     ap.add_argument("--steps", type=int, default=60, help="learner steps (tiny model)")
     ap.add_argument("--steps-25m", type=int, default=8, help="learner steps (25M model)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of every run (ours and TRL's alternate); medians reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peer", choices=["trl"], help="also run TRL's GRPOTrainer side by side")
     args = ap.parse_args()
-    rows = []
-    print(f"{'model':>6} {'placement':>14} {'compl/s':>9} {'wall s':>8} {'start s':>8} "
-          f"{'pass@1':>7}")
+    print(f"{'rep':>3} {'model':>6} {'placement':>14} {'compl/s':>9} {'wall s':>8} "
+          f"{'start s':>8} {'pass@1':>7}")
     with tempfile.TemporaryDirectory() as tmp:
-        for model in args.models:
-            for placement in args.placements:
-                steps = args.steps if model == "tiny" else args.steps_25m
-                row = run_once(model, placement, steps, Path(tmp), args.seed,
-                               keep_final=args.peer is not None and model == "tiny")
-                rows.append(row)
-                p1 = "" if row["pass1_after"] is None else f"{row['pass1_after']:.3f}"
-                print(f"{model:>6} {placement:>14} {row['completions_per_s']:>9.1f} "
-                      f"{row['wall_s']:>8.1f} {row['startup_s']:>8.1f} {p1:>7}", flush=True)
-            if args.peer:
-                steps = args.steps if model == "tiny" else args.steps_25m
-                peer = run_peer(model, rows[-1]["model_path"], steps, Path(tmp), args.seed)
-                print(f"{model:>6} {'trl':>14} {peer['completions_per_s']:>9.1f} "
-                      f"{peer['wall_s']:>8.1f} {peer['startup_s']:>8.1f}", flush=True)
-                for r in rows:
-                    if r["model"] == model:
-                        r["peer_completions_per_s"] = peer["completions_per_s"]
-                        r["peer_wall_s"] = peer["wall_s"]
-                if model == "tiny":  # the 25M model is untrained: its accuracy says nothing
-                    t = Path(tmp)
-                    peer["eval_pass1"] = held_out_pass1(peer["model_dir"], t, "trl")
-                    for r in rows:
-                        if r["model"] == model:
-                            r["eval_pass1"] = held_out_pass1(r["model_dir"], t, r["placement"])
-                            r["peer_eval_pass1"] = peer["eval_pass1"]
-                            print(f"{model:>6} held-out pass@1 (16 samples, dynamo-rl eval): "
-                                  f"{r['placement']} {r['eval_pass1']:.3f}, trl "
-                                  f"{peer['eval_pass1']:.3f}", flush=True)
+        runs = [one_round(args, Path(tmp) / f"r{rep}", rep) for rep in range(args.repeat)]
+    rows = median_rows(runs)
     ratio = {}
     for model in args.models:
         by = {r["placement"]: r for r in rows if r["model"] == model}
@@ -161,6 +188,8 @@ def main() -> None:
     over_peer = {f"{r['model']}/{r['placement']}":
                  r["completions_per_s"] / r["peer_completions_per_s"]
                  for r in rows if "peer_completions_per_s" in r}
+    for key, v in over_peer.items():
+        print(f"{key}: {v:.2f}x TRL's completions/s (median of {args.repeat})", flush=True)
     print(json.dumps({"rows": rows, "colocated_over_disaggregated": ratio,
                       "over_peer": over_peer}))
 
