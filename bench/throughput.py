@@ -20,13 +20,13 @@ inside the loop, as TRL's model is.
 .cache/bench-trl, installed on first use; never a dependency of the project) on the same
 model, task, batch shape and number of sampled completions, and its final model of the
 embedded size is scored by the same `dynamo-rl eval`, so accuracy per sampled completion is
-compared on one evaluator. This machine's timings move by ±10% from run to run: `--repeat`
+compared on one evaluator. This machine's speed drifts by up to 40% over minutes: `--repeat`
 runs every configuration (ours and TRL's, alternating) several times and reports medians.
 
 Final line: JSON with `rows` ([{model, placement, completions_per_s, wall_s, startup_s,
 eval_pass1, peer_completions_per_s, peer_eval_pass1, runs_completions_per_s, ...}], medians
 over the repeats), `colocated_over_disaggregated` and `over_peer` (ours / TRL's
-completions/s, per model and placement).
+completions/s per model and placement: the median over rounds of each round's ratio).
 """
 
 from __future__ import annotations
@@ -159,6 +159,10 @@ def median_rows(runs: list[list[dict]]) -> list[dict]:
         row["runs_completions_per_s"] = [r["completions_per_s"] for r in same]
         if "peer_completions_per_s" in first:
             row["runs_peer_completions_per_s"] = [r["peer_completions_per_s"] for r in same]
+            # each round's ratio (TRL ran minutes after ours): the machine's speed drifts
+            # between rounds, so the median of these is steadier than a ratio of medians
+            row["runs_over_peer"] = [r["completions_per_s"] / r["peer_completions_per_s"]
+                                     for r in same]
         out.append(row)
     return out
 
@@ -185,11 +189,14 @@ def main() -> None:
         if {"colocated", "disaggregated"} <= by.keys():
             ratio[model] = by["colocated"]["completions_per_s"] / \
                 by["disaggregated"]["completions_per_s"]
-    over_peer = {f"{r['model']}/{r['placement']}":
-                 r["completions_per_s"] / r["peer_completions_per_s"]
-                 for r in rows if "peer_completions_per_s" in r}
-    for key, v in over_peer.items():
-        print(f"{key}: {v:.2f}x TRL's completions/s (median of {args.repeat})", flush=True)
+    over_peer = {f"{r['model']}/{r['placement']}": statistics.median(r["runs_over_peer"])
+                 for r in rows if "runs_over_peer" in r}
+    for r in rows:
+        if "runs_over_peer" in r:
+            each = ", ".join(f"{x:.2f}" for x in r["runs_over_peer"])
+            print(f"{r['model']}/{r['placement']}: "
+                  f"{over_peer[r['model'] + '/' + r['placement']]:.2f}x TRL's completions/s "
+                  f"(median of the rounds' ratios: {each})", flush=True)
     print(json.dumps({"rows": rows, "colocated_over_disaggregated": ratio,
                       "over_peer": over_peer}))
 
