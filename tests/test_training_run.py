@@ -21,7 +21,7 @@ from protocol.idset import IdSet
 from protocol.messages import RolloutGroup
 from protocol.sockets import open_socket, send
 
-STEPS, BOUND = 32, 1  # BOUND: a one-batch pacing window, as configs/default.toml
+STEPS, BOUND = 32, 1  # BOUND: a one-batch pacing window, as the paper configs
 
 
 def run(config: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
