@@ -106,6 +106,7 @@ class _IoState:
     retry_at: float = 0.0  # no work request before this (the allocator had none)
     announced_at: float = field(default_factory=time.perf_counter)  # the arriving version's
     next_beat: float = 0.0
+    hello_due: bool = True  # the publisher has not got our latest hello (offer) yet
     next_metrics: float = field(default_factory=lambda: time.monotonic() + 2.0)
     next_trim: float = 0.0  # set to one actor.heap_trim_s after start
 
@@ -454,6 +455,8 @@ class Actor:
         if io.metrics_f is not None and now >= io.next_metrics:
             self._write_metrics(io)
             io.next_metrics = now + 2.0
+        if io.hello_due:
+            self._send_hello(io)
         self._request_work(io, now)
         for sock, _ in io.poller.poll(5):
             self._receive_all(io, sock)
@@ -482,9 +485,17 @@ class Actor:
             # only the newest heartbeat waits: an allocator away for hours costs one message
             io.to_alloc = deque(m for m in io.to_alloc if not isinstance(m, Heartbeat))
             io.to_alloc.append(beat)
-        self._try_send(io.wsock, io.receiver.hello())  # (re)subscribes after restarts
-        if io.member is not None:
-            self._try_send(io.wsock, io.member.offer())  # joins at the next epoch
+        io.hello_due = True  # (re)subscribes after restarts: sent by _send_hello
+
+    def _send_hello(self, io: _IoState) -> None:
+        """The hello (and broadcast offer) to the publisher, retried at every pass until the
+        socket takes it: the weights socket queues nothing for a peer it is not connected to
+        yet (IMMEDIATE), so a hello sent before the handshake was dropped, and the publisher
+        heard of us only at the next heartbeat (2 s without weights, early in every run)."""
+        if self._try_send(io.wsock, io.receiver.hello()):
+            io.hello_due = False
+            if io.member is not None:
+                self._try_send(io.wsock, io.member.offer())  # joins at the next epoch
 
     def _write_metrics(self, io: _IoState) -> None:
         io.metrics_f.write(json.dumps(self._metrics(len(io.to_learner))) + "\n")

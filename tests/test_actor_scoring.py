@@ -25,6 +25,7 @@ import zmq
 from actors import worker
 from actors.config import ActorConfig
 from actors.engine import Sample, Update
+from launch.harness import wait_for
 from launch.ports import free_ports
 from protocol.messages import (
     Heartbeat,
@@ -234,3 +235,40 @@ def test_a_pushed_grant_lets_the_actor_ask_again_at_once(tmp_path: Path, monkeyp
     assert not runner.is_alive() and actor.failure is None
     assert pushed_at is not None and len(requests) >= 2, requests
     assert requests[1] - pushed_at < 5.0  # not the 60 s the NoWork said
+
+
+def test_a_hello_dropped_before_the_publisher_is_up_is_sent_again_at_once(tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """The weights socket queues nothing for a publisher it is not connected to yet, so a
+    hello sent before the connection is dropped. The actor sends it again at every pass until
+    the socket takes it, not at the next heartbeat (60 s here): a version published after the
+    publisher comes up reaches the actor within seconds."""
+    monkeypatch.setattr(worker, "Engine", InstantEngine)
+    ports = free_ports(3)
+    ctx = zmq.Context()
+    alloc = open_socket(ctx, zmq.ROUTER, f"tcp://127.0.0.1:{ports[0]}", bind=True)
+    pull = open_socket(ctx, zmq.PULL, f"tcp://127.0.0.1:{ports[1]}", bind=True)
+    endpoints = worker.Endpoints(*(f"tcp://127.0.0.1:{p}" for p in ports))
+    actor = worker.Actor(ActorConfig(heartbeat_s=60), "no-model", endpoints,
+                         metrics_path=tmp_path / "metrics.jsonl", task=TaskConfig())
+    runner = threading.Thread(target=actor.run)
+    runner.start()
+    wsock = publisher = None
+    try:
+        wait_for(lambda: alloc.poll(10) and recv_routed(alloc), 30, "the actor's first message")
+        time.sleep(0.5)  # its first heartbeat (and hello) went out with no publisher there
+        wsock = open_socket(ctx, zmq.ROUTER, f"tcp://127.0.0.1:{ports[2]}", bind=True)
+        publisher = WeightPublisher(wsock)
+        time.sleep(0.5)
+        publisher.publish(1, [("w", torch.arange(1000, dtype=torch.float32))])
+        wait_for(lambda: 1 in publisher.delivered, 10, "version 1 delivered")
+    finally:
+        actor.stop.set()
+        runner.join(30)
+        if publisher is not None:
+            publisher.close()
+        for s in (alloc, pull, wsock):
+            if s is not None:
+                s.close(linger=0)
+        ctx.term()
+    assert not runner.is_alive() and actor.failure is None
