@@ -476,7 +476,8 @@ class Actor:
         io.ctx.term()
 
     def _send_heartbeat(self, io: _IoState) -> None:
-        """A heartbeat to the allocator; a hello (and a broadcast offer) to the publisher."""
+        """A heartbeat to the allocator; a hello (and a broadcast offer) to the publisher is
+        made due (`_send_hello`)."""
         # Sent at once when possible: the allocator reads (receive - sent_at) as delay + clock
         # offset, so time in our queue would bias the estimate.
         beat = Heartbeat(sender=self.actor_id, role="actor", sent_at=time.time(),

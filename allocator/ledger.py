@@ -32,10 +32,11 @@ Invariants:
 - Pacing: groups issued but not yet consumed by the learner never exceed a window of
   W = max(max_staleness // U, 1) batches of prompts_per_step groups, where U =
   updates_per_batch is the number of optimizer updates (policy versions) one batch can take.
-  With W = 1 (max_staleness < 2U: the default and paper configs) the learner's next batch is
+  With W = 1 (max_staleness < 2U: the paper configs) the learner's next batch is
   exactly the work outstanding, generated with weights at most U versions old, so in steady
-  state nothing is dropped. With W >= 2 a group that finishes after groups issued a batch
-  later can arrive more than max_staleness versions old; the learner drops and counts it.
+  state nothing is dropped. With W >= 2 (the embedded default: 2) a group that finishes
+  after groups issued a batch later can arrive more than max_staleness versions old; the
+  learner drops and counts it.
 - Budgets of a round are computed from the statistics at the moment the round is formed.
 """
 

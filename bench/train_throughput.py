@@ -114,7 +114,7 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     dtype = args.dtype or ("bf16" if cuda else "fp32")
-    if args.preset != "qwen2.5-0.5b" and not cuda:
+    if args.preset in ("embedded", "25M") or (args.preset == "tiny" and not cuda):
         args.prompt_len, args.min_len, args.max_len = min(args.prompt_len, 32), \
             min(args.min_len, 16), min(args.max_len, 64)
     args.min_len = min(args.min_len, args.max_len)

@@ -60,6 +60,8 @@ def check_group(g: RolloutGroup, b: Bounds, learner_version: int) -> str | None:
     if b.grant_secret is not None and not mac_ok(b.grant_secret, g.grant_mac, g.grant_id,
                                                  g.lease_id, g.problem_id, g.n):
         return "grant_mac"
+    if not g.prompt_token_ids.size:
+        return "empty_prompt"  # no position to predict the first completion token from
     for ids in (g.prompt_token_ids, g.completion_token_ids):
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= b.vocab_size):
             return "token_id"

@@ -122,9 +122,9 @@ class Policy(nn.Module):
         """input_ids [S, T], targets/mask [S, T-1] -> (log π, H) [S, T-1], 0 off the mask.
 
         Rows are right-padded, so under causal attention no real token sees a pad: the
-        padding mask changes nothing we read, and leaving it out lets SDPA take its fused
-        causal kernel. With `prompt_lens` and `group_ids` ([S]; rows of one group share
-        their prompt) each prompt is run once (`shared_prompt_hidden`).
+        padding mask changes nothing we read, and the full-row path leaves it out so that SDPA
+        takes its fused causal kernel. With `prompt_lens` and `group_ids` ([S]; rows of one
+        group share their prompt) each prompt is run once (`shared_prompt_hidden`).
         """
         body = self.lm.get_decoder() if hasattr(self.lm, "get_decoder") else self.lm.model
         if prompt_lens is None:

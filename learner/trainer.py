@@ -206,7 +206,10 @@ class Trainer:
         self.chunk_tokens = chunk_tokens_for(model.config.vocab_size, cfg.logits_chunk_mib)
         # each group's prompt runs once per micro-batch (learner/policy.py); HF's gradient
         # checkpointing drops the prompts' keys and values, so it runs the full rows instead
-        self.share_prompts = cfg.share_prompts and not cfg.gradient_checkpointing
+        # (a sliding-window layer's cache keeps only its window: full rows there too)
+        self.share_prompts = cfg.share_prompts and not cfg.gradient_checkpointing and all(
+            t == "full_attention" for t in getattr(model.config, "layer_types", None)
+            or ["full_attention"])
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},

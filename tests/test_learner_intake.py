@@ -46,6 +46,7 @@ BOUNDS = Bounds(vocab_size=VOCAB, max_model_len=MAX_LEN, grant_secret=SECRET)
     (group(completion_token_ids=np.array([6, 1, VOCAB], np.int32)), "token_id"),
     (group(prompt_token_ids=np.array([-1, 5], np.int32)), "token_id"),
     (group(prompt_token_ids=np.arange(7, dtype=np.int32)), "length"),  # 7 + 2 > 8
+    (group(prompt_token_ids=np.zeros(0, np.int32)), "empty_prompt"),
     (group(token_versions=np.array([0, 1, 2], np.int32)), "version_ahead"),
 ])
 def test_check_group_refuses_what_the_model_cannot_take(g: RolloutGroup, code) -> None:
