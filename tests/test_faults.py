@@ -174,11 +174,17 @@ def test_stopped_actor_is_partitioned_its_work_reissued_and_late_results_ignored
     s = stack_factory(actors=2, allocator={"lease_s": 4.0})
     wait_for(lambda: last_step(s.run_dir) >= 2, 300, "two learner steps")
     victim = s.actors[0].p.pid
+    # its first metrics line comes 2 s after it starts: the learner may be faster
+    wait_for(lambda: "actor" in last_record(s.run_dir / "metrics_actor0.jsonl"), 60,
+             "the victim's first metrics line")
     victim_id = last_record(s.run_dir / "metrics_actor0.jsonl")["actor"]
 
     def victim_holds_work() -> bool:  # per the allocator's snapshot (every 0.5 s)
+        # work still to report: a grant it reported already waits only for the learner's
+        # receipt, and would bring no late result when the victim comes back
         with (s.run_dir / "allocator_state.pkl").open("rb") as f:
-            return any(g["actor_id"] == victim_id for g in pickle.load(f)["grants"])
+            return any(g["actor_id"] == victim_id and not g["reported"]
+                       for g in pickle.load(f)["grants"])
 
     for _ in range(20):  # stop it while it holds leases (a partition longer than the lease)
         os.kill(victim, signal.SIGSTOP)
