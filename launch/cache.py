@@ -31,10 +31,9 @@ def cache_key(*settings: Any) -> str:
 def ensure_model(out: Path, build: Callable[[], Built]) -> Path:
     """`out`, holding the model `build()` returns (saved with its tokenizer and build.json)
     unless it is cached there already."""
-    import torch
-
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
+    import torch
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process with our pid

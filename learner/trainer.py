@@ -32,7 +32,6 @@ import math
 import os
 import resource
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -77,7 +76,10 @@ def init_distributed() -> tuple[int, int]:
     # DeepSpeed's JIT-built ops, per Python environment: two environments sharing one build
     # directory rebuild it in turn, and a build killed half-way there leaves a lock file on
     # which every later learner would wait for ever.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    # (`bootstrap.sh` compiles them there ahead of the first run: launch/prepare.py)
+    from launch.prepare import extensions_dir
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
     if "MASTER_PORT" not in os.environ:
         from launch.ports import free_ports
 
