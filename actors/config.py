@@ -30,7 +30,9 @@ class ActorConfig(BaseModel):
         96, ge=1, description="grants submitted to the engine at once: enough that vLLM's "
         "waiting queue refills the batch while groups finish their last samples (32 kept the "
         "batch short of its 256 sequences: 0.80 of vLLM alone vs 0.92 at 96)")
-    kv_cache_gib: float = Field(0.25, gt=0, description="KV cache size on CPU (GiB)")
+    kv_cache_gib: float = Field(
+        1.0, gt=0, description="KV cache size on CPU (GiB); vLLM's CPU blocks hold 128 "
+        "tokens, so a batch of 256 short sequences takes 256 blocks (25M model: 384 MiB)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU memory share")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per actor engine")
     weight_loader: Literal["packed", "vllm_api"] = Field(

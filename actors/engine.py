@@ -26,6 +26,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Iterable
@@ -47,7 +48,11 @@ def configure_vllm_env(kv_cache_gib: float, enforce_eager: bool = True) -> None:
         os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: 3-5 s start
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
+    # vLLM's legacy whole-GiB variable overrides the engine's kv_cache_memory_bytes (it once
+    # made every actor allocate 1 GiB whatever actor.kv_cache_gib said): the config decides
+    if os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) not in (None, ""):
+        log.warning("VLLM_CPU_KVCACHE_SPACE is ignored: the KV cache size is actor.kv_cache_gib "
+                    "(%.2f GiB)", kv_cache_gib)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from actors.config import ONEDNN_CACHE_CAPACITY
 
@@ -178,6 +183,10 @@ class Engine:
             if sleep_mode:
                 kwargs["enable_sleep_mode"] = True
         self.asleep = False
+        # vLLM's model loader and its own heap freeze run five full garbage collections over
+        # every object the imports above created (about 2 s of start-up on one core); those
+        # objects live as long as the process, so they leave the collector's generations now
+        gc.freeze()
         self.llm = LLM(model=model_path, max_model_len=max_model_len, seed=seed,
                        enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                        logprobs_mode="processed_logprobs", enable_prefix_caching=True, dtype=dtype,

@@ -5,6 +5,7 @@ thread against vLLM's own in-place reload, on the embedded model. Prints one JSO
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,9 +21,12 @@ def main(model: str) -> None:
     from actors.engine import Engine
     from actors.kernel_swap import KernelSwap, Unsupported
 
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "3"  # vLLM's legacy knob must not override ours
     eng = Engine(model, max_model_len=64, max_tokens=12, temperature=1e-4, top_p=1.0, seed=0,
                  kv_cache_gib=0.25,  # near-greedy for its own requests
                  block_size=32)  # (CPU default 128) so that a 40-token prompt fills a block
+    cache = eng.engine.vllm_config.cache_config
+    out: dict = {"kv_cache_blocks": cache.num_gpu_blocks, "kv_block_tokens": cache.block_size}
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     gen_ = torch.Generator().manual_seed(0)
 
@@ -42,7 +46,6 @@ def main(model: str) -> None:
         return max(abs(x - y) for (_, la), (_, lb) in zip(a, b, strict=True)
                    for x, y in zip(la, lb, strict=False))
 
-    out: dict = {}
     base = generate()
     w1 = perturbed()
     update = eng.prepare_weights(w1)

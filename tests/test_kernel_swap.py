@@ -34,3 +34,11 @@ def test_packed_swap_matches_vllm_reload(tiny_model):
     assert "no incoming weight" in out["rejects_missing_weight"]
     assert "no parameter" in out["rejects_unknown_name"]
     assert "float16" in out["rejects_wrong_dtype"]
+    # the engine's KV cache is the 0.25 GiB asked for (not vLLM's VLLM_CPU_KVCACHE_SPACE)
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(tiny_model)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4  # K, V fp32
+    kv_bytes = out["kv_cache_blocks"] * out["kv_block_tokens"] * per_token
+    assert 0.9 * (1 << 28) < kv_bytes <= 1 << 28, out
