@@ -28,6 +28,10 @@ class AllocatorConfig(BaseModel):
     stats_half_life: float | None = Field(
         None, gt=0, description="decay statistics with this half-life in samples (None: no decay)")
     lease_s: float = Field(120.0, gt=0, description="a grant not returned within this is re-issued")
+    actor_silence_s: float = Field(
+        20.0, gt=0, description="an actor heard from neither by heartbeat nor by request for this "
+        "long is taken for dead: its unreported grants are re-issued at once (not at their lease's "
+        "end) and it no longer counts for the fair share; must exceed a few actor.heartbeat_s")
     max_staleness: int = Field(
         2, ge=0, description="learner versions of work that may be outstanding (0 = synchronous)")
     snapshot_every_s: float = Field(10.0, gt=0, description="period of state snapshots")

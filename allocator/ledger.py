@@ -170,7 +170,8 @@ class Ledger:
         now (not a parked request served later)."""
         if seen:
             self.last_seen[actor_id] = now
-        live = max(1, sum(1 for t in self.last_seen.values() if now - t <= self.cfg.lease_s))
+        live = max(1, sum(1 for t in self.last_seen.values()
+                          if now - t <= self.cfg.actor_silence_s))
         held = sum(1 for g in self.grants.values() if g.actor_id == actor_id and not g.reported)
         return max(1, -(-self.window // live)) - held
 
@@ -363,13 +364,22 @@ class Ledger:
                 self.queue.appendleft(g.grant_id)
 
     def expire(self, now: float) -> int:
-        """Re-queue (at the front) every grant whose lease ran out, or whose group did not
-        reach the learner within a lease period of its report; returns how many."""
-        expired = [g for g in self.grants.values() if g.actor_id and g.deadline <= now]
+        """Re-queue (at the front) every grant whose lease ran out, whose group did not reach
+        the learner within a lease period of its report, or held unreported by an actor silent
+        for actor_silence_s (dead: a SIGKILLed actor's work would otherwise wait out its
+        lease, 2 minutes by default, while its replacement idles); returns how many."""
+        silent = {a for a, t in self.last_seen.items() if now - t > self.cfg.actor_silence_s}
+        expired = [g for g in self.grants.values() if g.actor_id and (
+            g.deadline <= now or (g.actor_id in silent and not g.reported))]
         for g in sorted(expired, key=lambda g: -g.grant_id):
-            self.counters["groups_not_received" if g.reported else "leases_expired"] += 1
+            why = ("groups_not_received" if g.reported else "leases_expired") \
+                if g.deadline <= now else "leases_of_silent_actors"
+            self.counters[why] += 1
             g.actor_id, g.reported = "", False
             self.queue.appendleft(g.grant_id)
+        for a in silent:  # forgotten: a dead actor's id never comes back (it holds the pid)
+            if not any(g.actor_id == a for g in self.grants.values()):
+                del self.last_seen[a]
         return len(expired)
 
     # ------------------------------------------------------------------ snapshots

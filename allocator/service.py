@@ -252,7 +252,8 @@ class AllocatorService:
             with span("expire"):
                 n = self.ledger.expire(time.monotonic())
             if n:
-                log.warning("%d leases expired; grants re-queued", n)
+                log.warning("%d grants re-queued (leases expired, or held by an actor silent "
+                            "for %.0f s)", n, self.cfg.actor_silence_s)
             await self._serve_parked(sock)  # also: a dead actor's fair share freed
             if self.auth is not None:  # CURVE handshakes refused by the allow-list
                 self.ledger.counters["refused_unauthenticated"] = self.auth.allow_list.refused

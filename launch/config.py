@@ -131,6 +131,11 @@ class RunConfig(BaseModel):
             raise ValueError(f"actor.tensor_parallel_size = {tp} needs actor.weight_loader = "
                              f"\"vllm_api\": the packed swap and the in-process reload reach one "
                              f"in-process worker only")
+        beat, silence = self.actor.heartbeat_s, self.allocator.actor_silence_s
+        if silence < 3 * beat:
+            raise ValueError(f"allocator.actor_silence_s = {silence} is under three of the actors' "
+                             f"heartbeats (actor.heartbeat_s = {beat}): a live actor would be "
+                             f"taken for dead between two of them")
         u = self.learner.updates_per_batch
         if self.max_staleness and self.max_staleness < u:
             raise ValueError(

@@ -238,6 +238,32 @@ def test_live_actors_share_the_window_fairly() -> None:
     assert isinstance(led.request("a", 1, 0.0), NoWork)
 
 
+def test_a_silent_actors_unreported_work_is_reissued_before_its_lease_ends() -> None:
+    """A SIGKILLed actor's replacement (a new id) waited out the dead one's 2-minute leases
+    with nothing to do, and the dead id halved its fair share meanwhile."""
+    cfg = CFG.model_copy(update={"lease_s": 120.0, "actor_silence_s": 20.0})
+    led = ledger(cfg=cfg, max_staleness=2, prompts_per_step=4)  # window of 8 groups
+    led.heartbeat("live", [], now=0.0)
+    dead = grants(led, 100, now=0.0, actor="dead")
+    assert len(dead) == 4  # half the window: two live actors
+    assert led.report(report_of(dead[0])) == "accepted"  # reported: waits for the learner
+    live = grants(led, 100, now=0.0, actor="live")
+    for t in (5.0, 10.0, 15.0, 20.0):  # the live actor beats; the dead one is silent
+        led.heartbeat("live", [g.grant_id for g in live], now=t)
+        assert led.expire(t) == 0  # silent for 20 s: not yet taken for dead
+    led.heartbeat("live", [g.grant_id for g in live], now=20.5)
+    assert led.expire(20.5) == 3  # its unreported grants, 100 s before their leases end
+    assert led.counters["leases_of_silent_actors"] == 3
+    assert led.counters["leases_expired"] == 0
+    assert dead[0].grant_id in led.grants and led.grants[dead[0].grant_id].reported
+    # the re-issued grants go to the live actor, which now has the whole window to itself
+    again = grants(led, 100, now=20.5, actor="live")
+    assert [g.grant_id for g in again] == sorted(g.grant_id for g in dead[1:])
+    assert all(led.grants[g.grant_id].actor_id == "live" for g in live)  # kept its own
+    # a late report of the dead actor's lease is refused (the grant was leased again)
+    assert led.report(report_of(dead[1])) == "late"
+
+
 def test_pacing_still_reissues_expired_work() -> None:
     led = ledger(max_staleness=0, prompts_per_step=4)
     first = grants(led, 4)

@@ -193,6 +193,8 @@ def test_cli_separates_overrides_from_its_own_arguments() -> None:
      ["learner.prompts_per_step = 32", "learner.mini_batch_prompts = 12"]),
     (["--learner.mini_batch_prompts", "8", "--allocator.max_staleness", "2"],
      ["allocator.max_staleness = 2", "4 optimizer updates"]),
+    (["--allocator.actor_silence_s", "5", "--actor.heartbeat_s", "2"],
+     ["allocator.actor_silence_s = 5", "actor.heartbeat_s = 2"]),
 ])
 def test_learner_configs_that_cannot_run_are_refused_naming_the_fields(overrides, names):
     with pytest.raises(ConfigError) as e:
