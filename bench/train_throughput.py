@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--micro-batch-tokens", type=int, default=None,
                     help="token budget of a micro-batch (default: --micro-batch rows)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--attn", choices=["sdpa", "eager", "flash_attention_2"],
+                    default="sdpa", help="learner.attn_implementation")
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, profile one more and print the top kernels")
     ap.add_argument("--seed", type=int, default=0)
@@ -131,7 +133,8 @@ def main() -> None:
                             mini_batch_prompts=args.mini_batch,
                             micro_batch_tokens=args.micro_batch_tokens,
                             gradient_checkpointing=args.gradient_checkpointing,
-                            dtype=dtype, zero_stage=args.zero_stage, lr=1e-6, warmup_steps=0,
+                            dtype=dtype, attn_implementation=args.attn,
+                            zero_stage=args.zero_stage, lr=1e-6, warmup_steps=0,
                             seed=args.seed)
         trainer = Trainer(cfg, OBJECTIVES["dynamo"], str(model_dir), temperature=1.0)
     rng = np.random.default_rng(args.seed)
@@ -187,6 +190,7 @@ def main() -> None:
         "zero_stage": args.zero_stage, "mini_batch": args.mini_batch,
         "micro_batch_tokens": args.micro_batch_tokens,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "attn_implementation": trainer.lm.config._attn_implementation,
         "backend": torch.distributed.get_backend(),
         "micro_batch": args.micro_batch, "sequences_per_step": args.prompts * args.n,
         "mean_seq_len": tok / max(len(timed), 1) / (args.prompts * args.n),

@@ -51,6 +51,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=32, help="prompts per step")
     ap.add_argument("--samples", type=int, default=8, help="completions per prompt")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
+                    help="the model's attention kernels (transformers' default: sdpa)")
     ap.add_argument("--out", required=False, help="write the final model here")
     args = ap.parse_args()
     if args.install:
@@ -85,7 +87,8 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation=args.attn)
     out = Path(args.out or f"/tmp/trl-grpo-{args.seed}")
     conf = GRPOConfig(
         output_dir=str(out / "trainer"), per_device_train_batch_size=args.prompts * args.samples,
@@ -105,7 +108,8 @@ def main() -> int:
     print(json.dumps({"model_dir": str(out), "steps": len(step_end),
                       "completions_per_s": per_step * (len(step_end) - 1) / loop_s,
                       "wall_s": time.time() - T0, "startup_s": step_end[0] - T0,
-                      "threads": torch.get_num_threads()}))
+                      "threads": torch.get_num_threads(),
+                      "attn_implementation": args.attn}))
     return 0
 
 

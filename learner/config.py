@@ -44,6 +44,9 @@ class LearnerConfig(BaseModel):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="training precision")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="the transformer's attention kernels in training (transformers' "
+        "names; flash_attention_2 needs a GPU, bf16 and the flash-attn package)")
     is_mode: Literal["tis", "bypass", "mask"] = Field(
         "tis", description="off-policy correction: truncated IS, bypass (πold = μ), or masking")
     is_cap: float = Field(2.0, gt=0, description="C: truncation of the IS weight")
@@ -98,4 +101,7 @@ def check_learner(cfg: LearnerConfig, world: int) -> list[str]:
         out.append("learner.eval_every must be 0 with learner.zero_stage = 3 and several "
                    "ranks (rank 0 alone cannot run the partitioned model); evaluate "
                    "checkpoints with `dynamo-rl eval`")
+    if cfg.attn_implementation == "flash_attention_2" and cfg.dtype != "bf16":
+        out.append("learner.attn_implementation = 'flash_attention_2' needs learner.dtype = "
+                   "'bf16' (flash-attn has no float32 kernels)")
     return out

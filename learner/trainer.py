@@ -121,6 +121,18 @@ def deepspeed_config(cfg: LearnerConfig) -> dict[str, Any]:
     }
 
 
+def attention_kernels(setting: str, device: torch.device) -> str:
+    """The HF `attn_implementation` for `learner.attn_implementation`, refused at start-up
+    where it cannot run."""
+    if setting == "flash_attention_2":
+        import importlib.util
+
+        if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("learner.attn_implementation = 'flash_attention_2' needs a GPU "
+                             "and the flash-attn package; use 'sdpa'")
+    return setting
+
+
 def warmup_lambda(warmup: int):
     """Linear warm-up to the peak learning rate, then constant (docs/DESIGN.md §4)."""
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
@@ -201,7 +213,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.cuda.is_available() else torch.device("cpu")
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.float32,
+            attn_implementation=attention_kernels(cfg.attn_implementation, self.device))
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -150,6 +150,24 @@ def test_cross_field_errors_are_reported() -> None:
     assert "ports must differ" in error_of(None, ["--network.rollout_port", "5710"])
 
 
+def test_flash_attention_in_float32_is_refused_naming_both_settings() -> None:
+    msg = error_of(None, ["--learner.attn_implementation", "flash_attention_2"])
+    assert "learner.attn_implementation" in msg and "learner.dtype" in msg
+    ok = load_config(None, ["--learner.attn_implementation", "flash_attention_2",
+                            "--learner.dtype", "bf16"])
+    assert ok.learner.attn_implementation == "flash_attention_2"
+
+
+def test_flash_attention_without_a_gpu_is_refused_at_start_up() -> None:
+    import torch
+
+    from learner.trainer import attention_kernels
+
+    assert attention_kernels("eager", torch.device("cpu")) == "eager"
+    with pytest.raises(ValueError, match="flash_attention_2.*needs a GPU"):
+        attention_kernels("flash_attention_2", torch.device("cpu"))
+
+
 # --- derived settings --------------------------------------------------------------------
 
 

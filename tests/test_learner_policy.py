@@ -10,14 +10,17 @@ from learner.objective import logprobs_and_entropy
 from learner.policy import Policy, chunk_tokens_for, n_chunks_for
 
 
-def small_lm(vocab: int, tied: bool):
+def small_lm(vocab: int, tied: bool, attn: str = "sdpa"):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                       tie_word_embeddings=tied, max_position_embeddings=128)
-    return Qwen2ForCausalLM(cfg).float()
+    cfg._attn_implementation = attn
+    lm = Qwen2ForCausalLM(cfg).float()
+    assert lm.config._attn_implementation == attn
+    return lm
 
 
 def full_logits_path(lm, ids, targets, mask, temperature):
@@ -88,14 +91,16 @@ def _groups(prompt_lens, completion_lens, vocab, seed=0):
     return out
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("rows", [None, [0, 2, 3, 5, 6]])
-def test_each_prompt_run_once_gives_the_full_rows_log_probs_entropies_and_gradients(rows):
+def test_each_prompt_run_once_gives_the_full_rows_log_probs_entropies_and_gradients(rows, attn):
     """learner.share_prompts: a group's prompt runs once and its samples attend to its keys
     and values. Prompts of different lengths, groups of different sizes and completion
-    lengths (one token included), and a micro-batch holding part of a group each."""
+    lengths (one token included), and a micro-batch holding part of a group each; with
+    either attention kernel the learner may use (learner.attn_implementation)."""
     from learner.batch import build_batch
 
-    lm = small_lm(vocab=50, tied=True)
+    lm = small_lm(vocab=50, tied=True, attn=attn)
     policy = Policy(lm, temperature=0.7)
     batch = build_batch(_groups([3, 9, 5], [[4, 1, 6], [2, 7], [5, 5, 3, 1]], vocab=50))
     if rows is not None:
@@ -114,4 +119,23 @@ def test_each_prompt_run_once_gives_the_full_rows_log_probs_entropies_and_gradie
     assert torch.allclose(H_full, H_shared, atol=1e-5)
     assert (lp_shared[~batch.mask] == 0).all()
     for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_eager_and_sdpa_attention_give_the_same_log_probs_and_gradients():
+    """learner.attn_implementation changes the kernels, not the arithmetic: the shared-prompt
+    path under eager attention equals the full rows under SDPA to float32 rounding."""
+    from learner.batch import build_batch
+
+    batch = build_batch(_groups([3, 9, 5], [[4, 1, 6], [2, 7], [5, 5, 3, 1]], vocab=50))
+    outs = []
+    for attn, extra in (("sdpa", ()), ("eager", (batch.prompt_lens, batch.group_ids))):
+        lm = small_lm(vocab=50, tied=True, attn=attn)  # same seed: same weights
+        lp, H = Policy(lm, temperature=0.7)(batch.input_ids, batch.targets, batch.mask, 2,
+                                            *extra)
+        lp.sum().backward()
+        outs.append((lp.detach(), H, [p.grad.clone() for p in lm.parameters()]))
+    (lp_a, H_a, g_a), (lp_b, H_b, g_b) = outs
+    assert torch.allclose(lp_a, lp_b, atol=1e-5) and torch.allclose(H_a, H_b, atol=1e-5)
+    for a, b in zip(g_a, g_b, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
