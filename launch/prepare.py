@@ -7,6 +7,9 @@ runs this after installing; `python -m launch.prepare` by hand).
 - The embedded models of the shipped CPU configs: the tiny arithmetic model of the main job
   (`configs/default.toml`, ~45 s) and the math rehearsal's model (`configs/math-rehearsal.toml`,
   ~3 min), cached under `.cache/models/` by a key of their recipe (`launch/cache.py`).
+- vLLM's record of those models' classes (`VLLM_CACHE_ROOT/modelinfos/`): without it, the
+  first engine start inspects the class in a fresh Python process that imports vLLM again
+  (16 s of the first run's start-up on a slow two-core machine).
 
 Idempotent and cheap once warm: each step first checks for its finished artefact.
 """
@@ -14,6 +17,7 @@ Idempotent and cheap once warm: each step first checks for its finished artefact
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -41,6 +45,29 @@ def build_shm_op() -> None:
         print("[prepare] DeepSpeed's shm op does not apply here (nothing to build)")
 
 
+def modelinfo_cache_dir() -> Path:
+    """Where vLLM keeps its model-class records (vllm.envs' VLLM_CACHE_ROOT default)."""
+    root = os.environ.get("VLLM_CACHE_ROOT")
+    if root:
+        return Path(root).expanduser() / "modelinfos"
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(cache) / "vllm" / "modelinfos"
+
+
+def warm_vllm_model_info(architectures: list[str]) -> list[str]:
+    """Have vLLM inspect each architecture's model class now and record it, so that no run
+    pays the inspection on its critical path. Returns those inspected (a recorded one is
+    skipped without importing vLLM)."""
+    missing = [a for a in architectures
+               if not any(modelinfo_cache_dir().glob(f"*-{a}.json"))]
+    if missing:
+        from vllm import ModelRegistry
+
+        for arch in missing:
+            ModelRegistry.models[arch].inspect_model_cls()
+    return missing
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.prepare", description=__doc__)
     ap.add_argument("--skip-models", action="store_true", help="only the DeepSpeed op")
@@ -57,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from launch.config import load_config
     from launch.runtime import model_path
 
+    archs: set[str] = set()
     for name in CONFIGS:
         cfg = load_config(ROOT / "configs" / name)
         t = time.time()
@@ -64,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         took = time.time() - t
         print(f"[prepare] {name}: model {path}"
               + (f" (built in {took:.0f} s)" if took > 1 else " (cached)"), flush=True)
+        archs.update(json.loads((Path(path) / "config.json").read_text())["architectures"])
+    t = time.time()
+    done = warm_vllm_model_info(sorted(archs))
+    if done:
+        print(f"[prepare] vLLM's record of {', '.join(done)} written in "
+              f"{time.time() - t:.0f} s", flush=True)
     return 0
 
 

@@ -228,9 +228,12 @@ class Trainer:
             or ["full_attention"])
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+        # fused: one kernel over all parameters instead of a loop of small ops per tensor
+        # (25M model on two CPU cores: 162 ms -> 22 ms per step, docs/BENCHMARKS.md)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
-                                lr=cfg.lr, betas=cfg.betas)
+                                lr=cfg.lr, betas=cfg.betas,
+                                fused=self.device.type in ("cpu", "cuda"))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(cfg.warmup_steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=Policy(model, temperature), optimizer=opt, lr_scheduler=sched,

@@ -94,3 +94,30 @@ def test_sigkilled_launcher_leaves_no_orphans(tiny_model, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+WARM_THEN_FORBID = """
+import sys
+from launch.prepare import warm_vllm_model_info
+first = warm_vllm_model_info(["Qwen2ForCausalLM"])
+again = warm_vllm_model_info(["Qwen2ForCausalLM"])
+import vllm.model_executor.models.registry as reg
+def forbidden(fn):
+    raise AssertionError("vLLM inspected the model class in a subprocess")
+reg._run_in_subprocess = forbidden
+info = reg.ModelRegistry.models["Qwen2ForCausalLM"].inspect_model_cls()
+print(first, again, info.is_text_generation_model)
+"""
+
+
+@pytest.mark.slow  # ~35 s: two vLLM imports (bootstrap.sh runs the same step on every CI)
+def test_prepare_records_the_model_class_so_no_engine_start_inspects_it(tmp_path):
+    """launch/prepare.py (bootstrap): vLLM's record of the model class is written once, and
+    vLLM then answers from it instead of a fresh Python process (16 s of a first run's
+    start-up on a slow machine)."""
+    env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm")}
+    r = subprocess.run([sys.executable, "-c", WARM_THEN_FORBID], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "['Qwen2ForCausalLM'] [] True"
+    assert list((tmp_path / "vllm" / "modelinfos").glob("*Qwen2ForCausalLM.json"))
