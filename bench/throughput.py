@@ -22,8 +22,9 @@ model, task, batch shape and number of sampled completions, and its final model 
 embedded size is scored by the same `dynamo-rl eval`, so accuracy per sampled completion is
 compared on one evaluator. TRL runs once with each of transformers' attention kernels
 (`--peer-attn`, default sdpa and eager) and its faster run is the peer figure, so the ratio is
-against TRL's best setting here, not only its default. This machine's speed drifts by up to 40% over minutes: `--repeat`
-runs every configuration (ours and TRL's, alternating) several times and reports medians.
+against TRL's best setting here, not only its default. This machine's speed drifts by up to
+40% over minutes: `--repeat` runs every configuration (ours and TRL's, alternating) several
+times and reports medians.
 
 Final line: JSON with `rows` ([{model, placement, completions_per_s, wall_s, startup_s,
 eval_pass1, peer_completions_per_s, peer_eval_pass1, runs_completions_per_s, ...}], medians

@@ -96,7 +96,9 @@ def main() -> int:
         ref.load_state_dict({n: t.clone() for n, t in trainer.gathered_weights()}, strict=False)
     if spec.get("save"):
         trainer.save(out_dir / "ckpt", "step1", {"version": trainer.version}, model_dir)
-    (out_dir / f"rank{rank}.json").write_text(json.dumps({"world": world, "steps": steps}))
+    attn = trainer.lm.config._attn_implementation  # the kernels this rank's model runs
+    (out_dir / f"rank{rank}.json").write_text(json.dumps({"world": world, "steps": steps,
+                                                             "attn": attn}))
     torch.distributed.destroy_process_group()
     return 0
 
