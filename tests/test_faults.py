@@ -179,21 +179,28 @@ def test_stopped_actor_is_partitioned_its_work_reissued_and_late_results_ignored
              "the victim's first metrics line")
     victim_id = last_record(s.run_dir / "metrics_actor0.jsonl")["actor"]
 
-    def victim_holds_work() -> bool:  # per the allocator's snapshot (every 0.5 s)
-        # work still to report: a grant it reported already waits only for the learner's
-        # receipt, and would bring no late result when the victim comes back
+    def victim_holds_work(stopped_at: float) -> bool:  # the allocator's snapshot (0.5 s)
+        # Work still to report: a grant it reported already waits only for the learner's
+        # receipt, and would bring no late result when the victim comes back. And work in
+        # its own hands: leased at least 1 s before the stop (allocator and test share
+        # CLOCK_MONOTONIC). A grant pushed just before the stop can still sit in the socket
+        # when the victim's own ZeroMQ heartbeat timer (5 s) fires on waking and drops
+        # the connection with it: never received, it brings no late result either (the
+        # allocator re-issues it all the same).
         with (s.run_dir / "allocator_state.pkl").open("rb") as f:
             return any(g["actor_id"] == victim_id and not g["reported"]
+                       and g["leased_at"] <= stopped_at - 1.0
                        for g in pickle.load(f)["grants"])
 
     for _ in range(20):  # stop it while it holds leases (a partition longer than the lease)
         os.kill(victim, signal.SIGSTOP)
+        stopped_at = time.monotonic()
         time.sleep(1.2)
-        if victim_holds_work():
+        if victim_holds_work(stopped_at):
             break
         os.kill(victim, signal.SIGCONT)
         time.sleep(0.5)
-    assert victim_holds_work()
+    assert victim_holds_work(stopped_at)
     wait_for(lambda: status(s.run_dir)["counters"].get("leases_expired", 0) >= 1, 60,
              "its leases to expire")
     step = last_step(s.run_dir)
