@@ -10,10 +10,13 @@ from pathlib import Path
 from launch.config import ConfigError, RunConfig, dump_config, load_config
 from launch.runtime import (
     ensure_run_keys,
+    exit_process,
     model_path,
     run_keys,
+    settle_heap,
     setup_logging,
     split_overrides,
+    start_up_without_gc,
 )
 
 
@@ -54,6 +57,8 @@ def cmd_allocator(cfg: RunConfig, args: argparse.Namespace) -> int:
 def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
     import signal
 
+    start_up_without_gc()  # until the engine is built
+
     # The engine's own process groups (gloo among its workers, all on this node) listen on
     # loopback, never on the cluster interface; the weight broadcast names its interface itself.
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -81,6 +86,7 @@ def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
                   metrics_path=cfg.run_dir / f"metrics_actor{args.index}.jsonl",
                   run_dir=cfg.run_dir, task=cfg.task,
                   sleep_when_idle_s=colocated_sleep_s(cfg))
+    settle_heap()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: actor.stop.set())
     actor.run()
@@ -105,6 +111,7 @@ def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
     from tasks.problems import load_task
     from tasks.prompts import PromptFormat, render_problems, resolved_prompt_format
 
+    start_up_without_gc()  # until its model and engine are built (learner.process)
     setup_logging(f"learner{os.environ.get('RANK', '0')}")
     if os.environ.get("DYNAMO_CPU_AFFINITY"):  # set by the local launcher on CPU machines
         from launch.cores import pin_to
@@ -169,6 +176,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+# Processes that import torch or vLLM: finalising their modules at exit costs seconds
+EXIT_AT_ONCE = frozenset({"actor", "learner", "allocator", "eval"})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dynamo-rl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,10 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, rest)
         args.config_args = [a for a in (args.config,) if a] + rest  # learner-node: for its ranks
-        return args.fn(cfg, args) or 0
+        rc = args.fn(cfg, args) or 0
     except (ConfigError, FileNotFoundError) as e:
         print(f"dynamo-rl {args.command}: {e}", file=sys.stderr)
         return 2
+    if args.command in EXIT_AT_ONCE and argv is None:
+        exit_process(rc)  # a process of its own (not a caller's main(argv))
+    return rc
 
 
 if __name__ == "__main__":

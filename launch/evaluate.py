@@ -252,8 +252,9 @@ class Requests:
 
 
 def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
-    from launch.runtime import model_path, setup_logging
+    from launch.runtime import model_path, settle_heap, setup_logging, start_up_without_gc
 
+    start_up_without_gc()
     setup_logging("eval")
     max_tokens = check_arguments(cfg, args)
     model = resolve_model(args.model) if args.model else Path(model_path(cfg))
@@ -264,6 +265,7 @@ def cmd_eval(cfg: RunConfig, args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     engine = Engine(str(model), **engine_options(cfg, args, max_tokens))
+    settle_heap()
     results = [[ProblemResult() for _ in b.problems] for b in benches]
     reqs = build_requests(engine.tokenizer, benches, results, args, cfg.actor.max_model_len,
                           max_tokens)

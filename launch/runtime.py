@@ -1,13 +1,17 @@
 """What every entry point shares (the CLI, the local launcher, evaluation, chaos runs):
 logging, the model directory (building an embedded model if needed), the run's keys, and
-telling config overrides from a command's own options."""
+telling config overrides from a command's own options, and how a service process ends."""
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
 from launch.config import ConfigError, RunConfig
 
@@ -16,6 +20,37 @@ def setup_logging(role: str) -> None:
     logging.basicConfig(level=os.environ.get("DYNAMO_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+
+
+def start_up_without_gc() -> None:
+    """The cyclic collector off while a process imports torch, vLLM or DeepSpeed and builds
+    its engine or model: the imports create about 600,000 long-lived objects, and the
+    collections they trigger cost 3-4 s of a 20 s import on one core here. `settle_heap`
+    turns it back on once start-up is over."""
+    gc.disable()
+
+
+def settle_heap() -> None:
+    """Start-up is over: what it created lives as long as the process, so it leaves the
+    collector's generations (never traversed again), and collection resumes."""
+    gc.freeze()
+    gc.enable()
+
+
+def exit_process(rc: int) -> NoReturn:
+    """Ends a service process as a normal exit would (threads' exit hooks run and non-daemon
+    threads are joined, then the atexit handlers: trace files, logging, multiprocessing
+    children, vLLM's own), then skips only the interpreter's finalisation. Tearing down the
+    module graph of torch and vLLM (600,000 objects) took 3.5-3.9 s per process on one core
+    here, on the critical path of every run's end (learner, then actors)."""
+    threading._shutdown()  # what the interpreter runs first at exit (private, stable)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or gone: nothing left to keep
+            pass
+    os._exit(rc)
 
 
 def model_path(cfg: RunConfig, progress: bool = True) -> str:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from launch.runtime import settle_heap
 from learner.config import LearnerConfig
 from learner.objective import PRESETS, ObjectiveConfig
 from learner.trainer import Trainer, init_distributed, metrics_line
@@ -69,6 +70,7 @@ def objective_config(cfg: LearnerConfig, preset: str) -> ObjectiveConfig:
 
 def run_learner(s: LearnerSetup) -> int:
     loop = LearnerLoop(s)
+    settle_heap()  # start-up is over (the CLI turned the collector off for it)
     try:
         loop.run()
     finally:

@@ -121,3 +121,28 @@ def test_prepare_records_the_model_class_so_no_engine_start_inspects_it(tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "['Qwen2ForCausalLM'] [] True"
     assert list((tmp_path / "vllm" / "modelinfos").glob("*Qwen2ForCausalLM.json"))
+
+
+EXITING_CHILD = """
+import atexit, sys, threading, time
+from launch.runtime import exit_process
+
+def late_writer():
+    time.sleep(0.5)
+    print("thread done", flush=True)
+
+atexit.register(lambda: open(sys.argv[1], "w").write("atexit ran"))
+threading.Thread(target=late_writer).start()  # not a daemon: the exit must wait for it
+sys.stdout.write("unflushed")  # no newline, no flush
+exit_process(3)
+print("never")
+"""
+
+
+def test_a_service_process_ends_like_a_normal_exit_without_finalising_its_modules(tmp_path):
+    marker = tmp_path / "atexit"
+    res = subprocess.run([sys.executable, "-c", EXITING_CHILD, str(marker)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3
+    assert res.stdout == "unflushedthread done\n"  # flushed, thread joined, nothing after
+    assert marker.read_text() == "atexit ran"
