@@ -21,7 +21,9 @@ B = 4
 TEMPERATURE = 0.8
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
+# tp1 is opt-in (-m slow, 31 s): tp2 runs the same path through vLLM's multiprocess executor
+@pytest.fixture(scope="module", params=[pytest.param(1, marks=pytest.mark.slow), 2],
+                ids=["tp1", "tp2"])
 def stack(request, tiny_model, tmp_path_factory):
     """tp2: a tensor-parallel engine (vLLM's multiprocess executor, one worker per core on
     this CPU machine), each worker a chain rank of its own in the broadcast group."""

@@ -112,6 +112,9 @@ def test_restarted_allocator_restores_its_state_and_everyone_reconnects(stack_fa
     assert totals["trained"] == 16 * last_step(s.run_dir)  # every step's groups, once each
 
 
+# opt-in (-m slow, 55 s): resuming from a checkpoint runs in the default suite in
+# test_training_run (allocator state restored), test_colocated and test_learner_ranks
+@pytest.mark.slow
 def test_resumed_learner_continues_from_its_checkpoint_and_the_run_goes_on(stack_factory):
     s = stack_factory()
     wait_for(lambda: (s.run_dir / "checkpoints" / "LATEST").is_file()

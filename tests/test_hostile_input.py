@@ -252,6 +252,7 @@ def test_a_learners_heartbeat_does_not_take_a_share_of_the_window(tiny_model, tm
         ctx.destroy(linger=0)
 
 
+@pytest.mark.slow  # a latency property (22 s); its effect: docs/BENCHMARKS.md, "parked"
 def test_a_paced_work_request_is_answered_the_moment_the_learner_takes_a_batch(tiny_model,
                                                                                tmp_path):
     """The pacing window turns a request down with NoWork (ask again in a second); the

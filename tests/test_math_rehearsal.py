@@ -155,6 +155,9 @@ def test_rehearsal_trains_with_the_chat_template_and_math_rewards(rehearsal: Pat
     assert sent.group(1).endswith("\\\\boxed{}.<|im_end|>\\n<|im_start|>assistant\\n")
 
 
+# opt-in (-m slow, 79 s): `dynamo-rl eval` on a math500 file runs in the default suite in
+# test_evaluate; this one checks it renders the rehearsal's chat template as training did
+@pytest.mark.slow
 def test_eval_scores_the_rehearsal_on_its_math500_file_in_the_training_format(
         rehearsal: Path, tmp_path: Path) -> None:
     held_out = ensure_rehearsal_files(REPO / ".cache" / "data", 0, 2048, EVAL_PROBLEMS)[1]
