@@ -31,6 +31,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -616,6 +617,9 @@ class Actor:
                 "native_version_stamps": getattr(self.engine, "native_stamps", 0),
                 "version_stamp_disagreements": getattr(self.engine, "stamp_disagreements", 0),
                 "held_grants": self.held,
+                # start-up ran without the cyclic collector (launch.runtime): it is back on,
+                # with what start-up created frozen out of its generations
+                "gc_enabled": gc.isenabled(), "gc_frozen_objects": gc.get_freeze_count(),
                 "outbox": outbox, **self.counters, **heap.heap_stats(),
                 **({f"broadcast_{k}": v for k, v in self.member.counters.items()}
                    if self.member is not None else {}),

@@ -107,11 +107,7 @@ def colocated_sleep_s(cfg: RunConfig) -> float | None:
 
 
 def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
-    from learner.process import LearnerSetup, run_learner
-    from tasks.problems import load_task
-    from tasks.prompts import PromptFormat, render_problems, resolved_prompt_format
-
-    start_up_without_gc()  # until its model and engine are built (learner.process)
+    start_up_without_gc()  # imports and model build; run_learner turns it back on
     setup_logging(f"learner{os.environ.get('RANK', '0')}")
     if os.environ.get("DYNAMO_CPU_AFFINITY"):  # set by the local launcher on CPU machines
         from launch.cores import pin_to
@@ -120,6 +116,10 @@ def cmd_learner(cfg: RunConfig, args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(len(os.sched_getaffinity(0)))
+    from learner.process import LearnerSetup, run_learner
+    from tasks.problems import load_task
+    from tasks.prompts import PromptFormat, render_problems, resolved_prompt_format
+
     _, held_out = load_task(cfg.task)
     path = model_path(cfg, progress=False)
     fmt = resolved_prompt_format(cfg.task)
@@ -176,7 +176,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-# Processes that import torch or vLLM: finalising their modules at exit costs seconds
+# The service processes: finalising the modules of torch and vLLM at exit costs seconds
+# (the allocator imports neither, but ends the same way)
 EXIT_AT_ONCE = frozenset({"actor", "learner", "allocator", "eval"})
 
 

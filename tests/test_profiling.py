@@ -178,6 +178,8 @@ def test_metrics_carry_every_listed_key(profiled):
     actor = list(read_jsonl(run_dir / "metrics_actor0.jsonl"))
     assert {"gen_tokens", "engine_busy_s", "engine_idle_s", "weights_s", "tokens_sent",
             "outbox", "held_grants", "started_at"} <= actor[-1].keys()
+    # the engine was built with the collector off; once running, collection is back on
+    assert actor[-1]["gc_enabled"] and actor[-1]["gc_frozen_objects"] > 100_000
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
 
 
