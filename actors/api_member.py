@@ -70,15 +70,18 @@ class ApiMember:
         """Whether a join or a broadcast version waits for the engine's workers."""
         return not self._in.empty()
 
-    def serve(self) -> list[tuple[int, float]]:
-        """Engine thread, between steps: carries out every message waiting. Returns the
-        versions applied, each with the seconds it took (receive and load)."""
+    def serve(self, before=lambda: None) -> list[tuple[int, float]]:
+        """Engine thread, between steps: carries out every message waiting, each after
+        `before()` (the colocated engine wakes up there: a message that arrives while this
+        runs must not reach a sleeping engine). Returns the versions applied, each with the
+        seconds it took (receive and load)."""
         applied = []
         while not self._closed:
             try:
                 msg = self._in.get_nowait()
             except queue.Empty:
                 break
+            before()
             if isinstance(msg, WeightGroupJoin):
                 self._join(msg)
             else:

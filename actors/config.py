@@ -35,6 +35,10 @@ class ActorConfig(BaseModel):
         "tokens, so a batch of 256 short sequences takes 256 blocks (25M model: 384 MiB)")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="GPU memory share")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per actor engine")
+    sleep_after_s: float = Field(
+        0.5, ge=0, description="placement = colocated on GPU: the engine frees its GPU memory "
+        "for the learner (vLLM sleep mode) after this long without work, and wakes for the "
+        "next weights or grant; 0: as soon as it has none")
     weight_loader: Literal["packed", "vllm_api"] = Field(
         "packed", description="how new weights enter the engine: packed (CPU: kernel handles "
         "packed off the engine thread, swapped in ~1 ms; elsewhere vLLM's in-process reload) "

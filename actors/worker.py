@@ -31,7 +31,6 @@ Guarantees:
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -50,6 +49,7 @@ import zmq
 from actors import heap
 from actors.config import ActorConfig
 from actors.engine import Engine, Sample, Update
+from launch.runtime import heap_state
 from protocol.auth import RunKeys
 from protocol.errors import ProtocolError
 from protocol.messages import (
@@ -136,6 +136,11 @@ class _EngineSleep:
             self.idle_since = None  # idle time counts again from here
             record("wake_up", t, now_ns())
             self.counters["engine_wake_ups"] += 1
+
+    def worked(self) -> None:
+        """The engine did work (generated, or loaded weights): idle time counts from here,
+        so it does not go back to sleep straight after loading new weights."""
+        self.idle_since = None
 
 
 @dataclass(slots=True)
@@ -245,9 +250,11 @@ class Actor:
         wake = sleeper.wake
 
         while not self.stop.is_set():
-            if getattr(self.member, "has_work", lambda: False)():
-                wake()  # joins and broadcast versions go straight into the workers
-            max_applied = max(max_applied, self._serve_api_member())
+            # joins and broadcast versions go straight into the workers: awake first
+            served = self._serve_api_member(before=wake)
+            if served:
+                sleeper.worked()
+            max_applied = max(max_applied, served)
             latest = None
             while True:
                 try:
@@ -262,6 +269,7 @@ class Actor:
                 t = now_ns()
                 enter(None, t)
                 eng.apply_weights(latest[1], latest[0])  # prepared by the weights thread
+                sleeper.worked()
                 if eng.holds_memory_of(latest[2]):
                     self.counters["weight_buffer_kept"] += 1  # the engine uses it: never reuse
                 else:
@@ -295,7 +303,7 @@ class Actor:
                 active[key] = _Group(g, ids, time.perf_counter())
                 eng.add(key, ids, g.n)
             if eng.busy():
-                sleeper.idle_since = None
+                sleeper.worked()
                 t = now_ns()
                 enter("generate", t)
                 for key, samples in eng.step():
@@ -315,15 +323,15 @@ class Actor:
                 self.engine_idle_s += (now_ns() - t) / 1e9
         enter(None, now_ns())
 
-    def _serve_api_member(self) -> int:
+    def _serve_api_member(self, before=lambda: None) -> int:
         """With actor.weight_loader = "vllm_api" and the broadcast backend: group joins and
-        broadcast versions, carried out by the engine's workers between two steps. Returns
-        the newest version applied (0: none)."""
+        broadcast versions, carried out by the engine's workers between two steps, each after
+        `before()`. Returns the newest version applied (0: none)."""
         member = self.member
         if member is None or not hasattr(member, "serve"):
             return 0
         t = now_ns()
-        applied = member.serve()
+        applied = member.serve(before)
         for version, seconds in applied:
             record("apply_weights", t, now_ns(), version=version, via="vllm_api")
             self.weights_s += seconds
@@ -619,7 +627,7 @@ class Actor:
                 "held_grants": self.held,
                 # start-up ran without the cyclic collector (launch.runtime): it is back on,
                 # with what start-up created frozen out of its generations
-                "gc_enabled": gc.isenabled(), "gc_frozen_objects": gc.get_freeze_count(),
+                **heap_state(),
                 "outbox": outbox, **self.counters, **heap.heap_stats(),
                 **({f"broadcast_{k}": v for k, v in self.member.counters.items()}
                    if self.member is not None else {}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from launch.config import ConfigError, RunConfig, dump_config, load_config
 from launch.runtime import (
     ensure_run_keys,
     exit_process,
+    gpu_start_up_turn,
     model_path,
     run_keys,
     settle_heap,
@@ -81,19 +83,19 @@ def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
     ep = Endpoints(allocator=net.allocator, rollouts=net.rollouts, weights=net.weights,
                    weights_backend=net.weights_backend)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    actor = Actor(cfg.actor, path, ep, index=args.index, keys=keys,
-                  max_message_bytes=net.max_message_mib << 20,
-                  metrics_path=cfg.run_dir / f"metrics_actor{args.index}.jsonl",
-                  run_dir=cfg.run_dir, task=cfg.task,
-                  sleep_when_idle_s=colocated_sleep_s(cfg))
+    sleep_s = colocated_sleep_s(cfg)
+    # a colocated GPU engine measures the device's memory as it starts: alone on the host
+    with (gpu_start_up_turn(f"actor{args.index}", exclusive=True) if sleep_s is not None
+          else contextlib.nullcontext()):
+        actor = Actor(cfg.actor, path, ep, index=args.index, keys=keys,
+                      max_message_bytes=net.max_message_mib << 20,
+                      metrics_path=cfg.run_dir / f"metrics_actor{args.index}.jsonl",
+                      run_dir=cfg.run_dir, task=cfg.task, sleep_when_idle_s=sleep_s)
     settle_heap()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: actor.stop.set())
     actor.run()
     return 0
-
-
-COLOCATED_SLEEP_S = 0.5  # idle this long, a colocated GPU engine frees its memory
 
 
 def colocated_sleep_s(cfg: RunConfig) -> float | None:
@@ -102,7 +104,7 @@ def colocated_sleep_s(cfg: RunConfig) -> float | None:
     import torch
 
     if cfg.placement == "colocated" and torch.cuda.is_available():
-        return COLOCATED_SLEEP_S
+        return cfg.actor.sleep_after_s
     return None
 
 

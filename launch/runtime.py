@@ -5,11 +5,16 @@ telling config overrides from a command's own options, and how a service process
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import gc
 import logging
 import os
 import sys
+import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -30,11 +35,53 @@ def start_up_without_gc() -> None:
     gc.disable()
 
 
+_frozen_at_start_up = 0
+
+
 def settle_heap() -> None:
     """Start-up is over: what it created lives as long as the process, so it leaves the
     collector's generations (never traversed again), and collection resumes."""
+    global _frozen_at_start_up
     gc.freeze()
+    # counted once here: gc.get_freeze_count() walks every frozen object (60-90 ms for the
+    # learner's ~1 M on this machine), too slow for a per-step metric
+    _frozen_at_start_up = gc.get_freeze_count()
     gc.enable()
+
+
+def heap_state() -> dict:
+    """For metrics lines: whether the collector is on (it must be, once start-up is over)
+    and how many objects start-up froze out of its generations."""
+    return {"gc_enabled": gc.isenabled(), "gc_frozen_objects": _frozen_at_start_up}
+
+
+def gpu_start_up_lock_path() -> Path:
+    """One per host and user: every colocated run's processes on this host meet there."""
+    return Path(tempfile.gettempdir()) / f"dynamo-rl-{os.getuid()}-gpu-start-up.lock"
+
+
+@contextlib.contextmanager
+def gpu_start_up_turn(role: str, exclusive: bool, path: Path | None = None) -> Iterator[None]:
+    """Colocated placement on GPU: a vLLM engine sizes its KV cache from how the device's
+    free memory changes while it builds itself, and counts any other process's allocations
+    (or frees) in that window as its own: a learner loading its model beside it shrinks the
+    cache, or fails the engine's start ("Error in memory profiling"). So an engine is built
+    alone on its host (`exclusive`), while the learner ranks build their models together
+    (shared: their collectives would deadlock one waiting for another) but never beside an
+    engine. Linux `flock` lets a shared request in while an exclusive one waits: no
+    deadlock between ranks, at worst an engine waits until the ranks are built."""
+    path = path or gpu_start_up_lock_path()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    log = logging.getLogger("dynamo.launch")
+    try:
+        t = time.monotonic()
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        waited = time.monotonic() - t
+        if waited > 0.5:
+            log.info("%s waited %.1fs for its turn to start on the GPU (%s)", role, waited, path)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def exit_process(rc: int) -> NoReturn:

@@ -7,6 +7,7 @@ one metrics line per step to RUN_DIR/metrics.jsonl and the same numbers to Tenso
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from launch.runtime import settle_heap
+from launch.runtime import gpu_start_up_turn, heap_state, settle_heap
 from learner.config import LearnerConfig
 from learner.objective import PRESETS, ObjectiveConfig
 from learner.trainer import Trainer, init_distributed, metrics_line
@@ -88,9 +89,15 @@ class LearnerLoop:
         self.rank, self.world = init_distributed()
         self.clock_id = f"{socket.gethostname()}-learner{self.rank}-{os.getpid()}"
         open_trace(s.run_dir, f"learner{self.rank}", "learner", clock_id=self.clock_id)
-        with span("init"):
+        on_shared_gpu = s.colocated and torch.cuda.is_available()
+        # beside a colocated engine: never while it measures the device's memory (the ranks
+        # of this host build theirs together)
+        with span("init"), (gpu_start_up_turn(f"learner{self.rank}", exclusive=False)
+                            if on_shared_gpu else contextlib.nullcontext()):
             self.trainer = Trainer(cfg, objective_config(cfg, s.preset), s.model_path,
                                    temperature=s.temperature)
+            if on_shared_gpu:
+                torch.cuda.empty_cache()  # what the build cached goes back to the device
         ckpt_root = s.run_dir / "checkpoints"
         self.state = self.trainer.load(ckpt_root)
         self.step = int(self.state["step"]) if self.state else 0
@@ -279,7 +286,10 @@ class LearnerLoop:
             extra.update(self.handshakes.flat())
         extra.update({"elapsed_s": time.time() - self.t_start, "step_wall_s": wall_s,
                       "idle/learner": stats["time/wait_batch"] / wall_s,
-                      "throughput/train_tokens_per_s": stats.get("train_tokens", 0.0) / wall_s})
+                      "throughput/train_tokens_per_s": stats.get("train_tokens", 0.0) / wall_s,
+                      # start-up ran without the cyclic collector (launch.runtime): it is back
+                      # on, with what start-up created frozen out of its generations
+                      **heap_state()})
         rec = metrics_line(self.step, self.trainer.version, groups, stats,
                            self.intake.counters, extra, trained_from=version0)
         self.write_metrics(rec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from launch.ports import free_ports  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = REPO / ".cache" / "models"
+TRAINED_STEPS, TRAINED_BOUND = 32, 1  # BOUND: a one-batch pacing window, as the paper configs
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +28,76 @@ def math_model() -> Path:
     from launch.rehearsal_model import ensure_rehearsal_model
 
     return ensure_rehearsal_model(MODEL_CACHE, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model, tmp_path_factory):
+    """A 32-step `dynamo-rl run` of the tiny model (allocator + vLLM actor + DeepSpeed
+    learner over CURVE-authenticated ZeroMQ) with hostile traffic sent while it trains;
+    shared by test_training_run and test_profiling. Returns (run_dir, config, output)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import zmq
+
+    from launch.config import load_config
+    from protocol.auth import RunKeys, grant_mac
+    from protocol.codec import encode
+    from protocol.messages import RolloutGroup
+    from protocol.sockets import open_socket, send
+
+    STEPS, BOUND = TRAINED_STEPS, TRAINED_BOUND
+
+    def metrics(run_dir: Path) -> list[dict]:
+        return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    run_dir = tmp_path_factory.mktemp("train")
+    cfg_path = make_config(
+        run_dir, tiny_model, preset="dynamo",
+        task={"num_eval_problems": 512},
+        allocator={"batch_prompts": 32, "n_mean": 8, "n_min": 4, "n_max": 16,
+                   "max_staleness": BOUND},
+        learner={"total_steps": STEPS, "prompts_per_step": 32, "lr": 2e-4,
+                 "eval_every": STEPS, "checkpoint_every": STEPS // 2})
+    # Hostile traffic while it trains, sent with a valid actor key (an outsider without keys
+    # is refused before the application sees anything): garbage, an inconsistent group, a
+    # group for a grant the allocator never issued, and one whose grant MAC is valid (made
+    # here with the run's grant secret) but whose tokens are outside the vocabulary.
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(cfg_path)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def first_steps() -> bool:
+        if proc.poll() is not None:  # ended before training: say why at once
+            raise AssertionError(f"the run ended early ({proc.returncode}):\n"
+                                 f"{proc.stdout.read()[-4000:]}")
+        return (run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 3
+
+    wait_for(first_steps, 300, "the first learner steps")
+    cfg = load_config(cfg_path)
+    ctx = zmq.Context()
+    keys = RunKeys.load(run_dir / "keys", "actor")
+    push = open_socket(ctx, zmq.PUSH, f"tcp://127.0.0.1:{cfg.network.rollout_port}",
+                       bind=False, keys=keys.connect(keys.learner))
+    push.send_multipart([b"\x93garbage", b"more"])
+    good = RolloutGroup(grant_id=10**9, lease_id=1, problem_id="x", actor_id="evil",
+                        prompt_token_ids=np.array([4, 5], np.int32),
+                        completion_token_ids=np.array([6, 1], np.int32),
+                        completion_lengths=np.array([2, 0], np.int32),
+                        behaviour_logprobs=np.array([-0.1, -0.2], np.float32),
+                        token_versions=np.array([0, 0], np.int32),
+                        rewards=np.array([1.0, 0.0], np.float32),
+                        finished=np.array([True, True]), gen_seconds=0.1)
+    frames = [bytes(f) for f in encode(good)]
+    frames[4] = frames[4][:4]  # behaviour_logprobs one element short of the lengths
+    push.send_multipart(frames)
+    send(push, good)  # no grant MAC: a grant the allocator never issued
+    secret = bytes.fromhex((run_dir / "keys" / "grant.secret").read_text())
+    oov = {n: getattr(good, n) for n, _ in good.SCHEMA}
+    oov["completion_token_ids"] = np.array([6, 10**6], np.int32)
+    oov["grant_mac"] = grant_mac(secret, good.grant_id, good.lease_id, good.problem_id, good.n)
+    send(push, RolloutGroup(**oov))
+    push.close(linger=1000)
+    ctx.term()
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return run_dir, cfg_path, out

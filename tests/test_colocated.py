@@ -7,6 +7,7 @@ machine's monotonic clock, so they compare directly)."""
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 
@@ -51,10 +52,22 @@ def test_colocated_run_trains_takes_turns_and_resumes(tiny_model, tmp_path):
     overlaps = [(g, t) for g in gen for t in train if g[0] < t[1] and t[0] < g[1]]
     assert not overlaps, overlaps[:3]
 
+    tag = (run_dir / "checkpoints" / "LATEST").read_text().strip()
+    with (run_dir / "checkpoints" / tag / "allocator_state.pkl").open("rb") as f:
+        snap = pickle.load(f)  # what the resume restores (the checkpoint's own snapshot)
+    ckpt = json.loads((run_dir / "checkpoints" / tag / "learner_state.json").read_text())
+    assert ckpt["step"] == STEPS
     run("--resume", str(run_dir), "--learner.total_steps", str(STEPS + 2),
         "--learner.eval_every", "0")
     after = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in after if r["step"] > STEPS] == [STEPS + 1, STEPS + 2]
+    steps = [r for r in after if r["step"] > STEPS]
+    assert [r["step"] for r in steps] == [STEPS + 1, STEPS + 2]
+    assert steps[0]["version"] == ckpt["version"] + 1  # the checkpoint's weights, one update on
+    # the allocator's statistics and epoch position continue from the snapshot
+    status = json.loads((run_dir / "allocator_status.json").read_text())
+    assert status["counters"].get("restored", 0) >= 1
+    assert status["stats"]["samples"] > float(snap["stats"]["g"].sum())
+    assert (status["epoch"], status["round"]) >= (snap["epoch"], snap["round"])
 
 
 class _FakeEngine:  # stands in for vLLM's sleep / wake_up only (the real one: test_gpu_colocated)
@@ -89,8 +102,101 @@ def test_a_colocated_gpu_engine_sleeps_once_idle_long_enough_and_wakes_once():
     s.idle(0)  # woken (for new weights): the idle time counts again from the wake-up
     assert eng.calls == ["sleep", "wake"] and counters == {"engine_sleeps": 1,
                                                              "engine_wake_ups": 1}
+    time.sleep(0.06)
+    s.worked()  # it just loaded new weights: no sleep straight after them
+    s.idle(0)
+    assert eng.calls == ["sleep", "wake"]
     never = _EngineSleep(_FakeEngine(), None, Counter())  # CPU, or the device to itself
     never.idle(0)
     time.sleep(0.06)
     never.idle(0)
     assert never.engine.calls == []
+
+
+def test_broadcast_versions_reach_a_sleeping_engine_only_after_it_woke():
+    """The engine thread serves vLLM-API broadcasts with `before` = the sleeper's wake, once
+    per message: a version that arrives after any check still finds the engine awake."""
+    from collections import Counter
+
+    from actors.api_member import ApiMember
+    from actors.worker import _EngineSleep
+    from protocol.messages import WeightBroadcast
+
+    class Engine(_FakeEngine):
+        tensor_parallel_size = 1
+
+        def receive_weights(self, info: dict, version: int) -> None:
+            assert not self.asleep, "weights loaded into a sleeping engine"
+            self.calls.append(f"v{version}")
+            if version == 1:  # the next version arrives while this one loads
+                member.submit(msg(2))
+                self.sleep()  # (and the engine went back to sleep meanwhile)
+
+    class Receiver:
+        actor_id, version = "a0", 0
+
+    def msg(v: int) -> WeightBroadcast:
+        return WeightBroadcast(version=v, epoch=1, total_bytes=0, chunk_bytes=1, n_chunks=0,
+                               crc32c=0, tensors=[])
+
+    eng = Engine()
+    eng.sleep()
+    member = ApiMember(Receiver(), eng, "127.0.0.1", 1)
+    sleeper = _EngineSleep(eng, 0.0, Counter())
+    member.submit(msg(1))
+    applied = member.serve(before=sleeper.wake)
+    assert [v for v, _ in applied] == [1, 2] and member.counters["broadcast_failures"] == 0
+    assert eng.calls == ["sleep", "wake", "v1", "sleep", "wake", "v2"]
+
+
+def test_gpu_start_up_turns_build_an_engine_alone_and_let_learner_ranks_build_together(
+        tmp_path):
+    """A colocated GPU engine sizes its KV cache from the device's free memory while it is
+    built: no learner may load beside it. Learner ranks build together (their collectives
+    need each other), and one waiting engine must not lock out a second rank (deadlock)."""
+    import threading
+    import time
+
+    from launch.runtime import gpu_start_up_turn
+
+    path = tmp_path / "gpu.lock"
+    inside: list[str] = []
+    release = {k: threading.Event() for k in ("rank0", "rank1", "engine", "rank2")}
+
+    def hold(name: str, exclusive: bool) -> threading.Thread:
+        def body() -> None:
+            with gpu_start_up_turn(name, exclusive, path):
+                inside.append(f"+{name}")
+                release[name].wait(10)
+                inside.append(f"-{name}")
+        th = threading.Thread(target=body, daemon=True)
+        th.start()
+        return th
+
+    def settle() -> None:
+        time.sleep(0.3)
+
+    threads = [hold("rank0", False)]
+    settle()
+    threads.append(hold("engine", True))
+    settle()
+    assert inside == ["+rank0"]  # the engine waits for the rank being built
+    threads.append(hold("rank1", False))
+    settle()
+    assert inside == ["+rank0", "+rank1"]  # a waiting engine does not lock out a rank
+    release["rank0"].set()
+    settle()
+    assert "+engine" not in inside  # not while one rank is still being built
+    release["rank1"].set()
+    settle()
+    assert inside[-1] == "+engine"
+    threads.append(hold("rank2", False))
+    settle()
+    assert inside[-1] == "+engine"  # no rank while the engine is built
+    release["engine"].set()
+    settle()
+    assert inside[-2:] == ["-engine", "+rank2"]
+    release["rank2"].set()
+    for th in threads:
+        th.join(5)
+    assert not any(th.is_alive() for th in threads)

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_config
+from conftest import REPO, TRAINED_STEPS
 
 from telemetry import spans
 from telemetry.merge import chrome_trace, read_jsonl, read_traces
 from telemetry.report import verdict
 
-STEPS = 4
+STEPS = TRAINED_STEPS  # the shared run: eval at 0 and STEPS, checkpoints every STEPS // 2
 SPAN_BUDGET_NS = 20_000  # far above what it costs (~1 µs); a shared CI core can be slow
 
 
@@ -107,20 +107,14 @@ def test_merge_aligns_remote_clocks_by_the_fastest_heartbeat(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def profiled(tiny_model, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("profiled")
-    cfg = make_config(run_dir, tiny_model, task={"num_eval_problems": 64},
-                      allocator={"batch_prompts": 16, "n_mean": 8, "n_min": 4, "n_max": 16},
-                      learner={"total_steps": STEPS, "prompts_per_step": 16, "eval_every": 2,
-                               "checkpoint_every": 2})
-    run = subprocess.run([sys.executable, "-m", "launch.cli", "run", str(cfg)], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+def profiled(trained):
+    """`dynamo-rl profile` of the shared 32-step run (conftest's `trained`)."""
+    run_dir, _, out = trained
     prof = subprocess.run([sys.executable, "-m", "launch.cli", "profile", str(run_dir)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert prof.returncode == 0, prof.stdout + prof.stderr
     print(prof.stdout)
-    return run_dir, run.stdout, prof.stdout
+    return run_dir, out, prof.stdout
 
 
 def test_trace_has_every_process_with_nested_ordered_spans(profiled):
@@ -170,11 +164,13 @@ def test_metrics_carry_every_listed_key(profiled):
                "time/recompute", "time/fwd_bwd", "time/optimizer"}
     for r in steps:
         assert always <= r.keys(), always - r.keys()
+        # the model was built with the collector off; once training, collection is back on
+        assert r["gc_enabled"] and r["gc_frozen_objects"] > 100_000, r
         if not r.get("skipped_step"):
             assert trained <= r.keys(), trained - r.keys()
     assert any(not r.get("skipped_step") for r in steps)
-    assert [r["step"] for r in recs if "eval/acc" in r and "eval/pass1" in r] == [0, 2, 4]
-    assert all("time/checkpoint" in r for r in steps if r["step"] % 2 == 0)
+    assert [r["step"] for r in recs if "eval/acc" in r and "eval/pass1" in r] == [0, STEPS]
+    assert [r["step"] for r in steps if "time/checkpoint" in r] == [STEPS // 2, STEPS]
     actor = list(read_jsonl(run_dir / "metrics_actor0.jsonl"))
     assert {"gen_tokens", "engine_busy_s", "engine_idle_s", "weights_s", "tokens_sent",
             "outbox", "held_grants", "started_at"} <= actor[-1].keys()
@@ -212,7 +208,7 @@ def test_report_agrees_with_the_metrics_it_was_built_from(profiled):
         summary["verdict"]["evidence"]
     assert f"{summary['throughput']['train_tokens_per_s']:.1f}" in table
     assert f"verdict: {summary['verdict']['evidence']}" in table
-    assert "[run] step    4/4" in run_out and "ETA" in run_out
+    assert f"[run] step {STEPS:4d}/{STEPS}" in run_out and "ETA" in run_out
 
 
 @pytest.mark.parametrize(("learner_idle", "actor_idle", "bound"), [

@@ -1,5 +1,6 @@
 """The whole system for real: `dynamo-rl run` (allocator + vLLM actor + DeepSpeed learner over
-CURVE-authenticated ZeroMQ), then a resume, then two data-parallel learner ranks."""
+CURVE-authenticated ZeroMQ; the run is conftest's `trained`, shared with test_profiling), then
+a resume, then two data-parallel learner ranks."""
 
 from __future__ import annotations
 
@@ -8,21 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import zmq
-from conftest import REPO, make_config, wait_for
+from conftest import REPO, TRAINED_BOUND, TRAINED_STEPS
 
 from launch.audit import audit
-from launch.config import load_config
-from protocol.auth import RunKeys, grant_mac
-from protocol.codec import encode
 from protocol.idset import IdSet
-from protocol.messages import RolloutGroup
-from protocol.sockets import open_socket, send
 
-STEPS, BOUND = 32, 1  # BOUND: a one-batch pacing window, as the paper configs
-
+STEPS, BOUND = TRAINED_STEPS, TRAINED_BOUND  # the shared run (conftest.trained)
 
 def run(config: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launch.cli", "run", str(config), *args],
@@ -31,59 +24,6 @@ def run(config: Path, *args: str, timeout: float = 600) -> subprocess.CompletedP
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_model, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("train")
-    cfg_path = make_config(
-        run_dir, tiny_model, preset="dynamo",
-        task={"num_eval_problems": 512},
-        allocator={"batch_prompts": 32, "n_mean": 8, "n_min": 4, "n_max": 16,
-                   "max_staleness": BOUND},
-        learner={"total_steps": STEPS, "prompts_per_step": 32, "lr": 2e-4,
-                 "eval_every": STEPS, "checkpoint_every": STEPS // 2})
-    # Hostile traffic while it trains, sent with a valid actor key (an outsider without keys
-    # is refused before the application sees anything): garbage, an inconsistent group, a
-    # group for a grant the allocator never issued, and one whose grant MAC is valid (made
-    # here with the run's grant secret) but whose tokens are outside the vocabulary.
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(cfg_path)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    def first_steps() -> bool:
-        if proc.poll() is not None:  # ended before training: say why at once
-            raise AssertionError(f"the run ended early ({proc.returncode}):\n"
-                                 f"{proc.stdout.read()[-4000:]}")
-        return (run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 3
-
-    wait_for(first_steps, 300, "the first learner steps")
-    cfg = load_config(cfg_path)
-    ctx = zmq.Context()
-    keys = RunKeys.load(run_dir / "keys", "actor")
-    push = open_socket(ctx, zmq.PUSH, f"tcp://127.0.0.1:{cfg.network.rollout_port}",
-                       bind=False, keys=keys.connect(keys.learner))
-    push.send_multipart([b"\x93garbage", b"more"])
-    good = RolloutGroup(grant_id=10**9, lease_id=1, problem_id="x", actor_id="evil",
-                        prompt_token_ids=np.array([4, 5], np.int32),
-                        completion_token_ids=np.array([6, 1], np.int32),
-                        completion_lengths=np.array([2, 0], np.int32),
-                        behaviour_logprobs=np.array([-0.1, -0.2], np.float32),
-                        token_versions=np.array([0, 0], np.int32),
-                        rewards=np.array([1.0, 0.0], np.float32),
-                        finished=np.array([True, True]), gen_seconds=0.1)
-    frames = [bytes(f) for f in encode(good)]
-    frames[4] = frames[4][:4]  # behaviour_logprobs one element short of the lengths
-    push.send_multipart(frames)
-    send(push, good)  # no grant MAC: a grant the allocator never issued
-    secret = bytes.fromhex((run_dir / "keys" / "grant.secret").read_text())
-    oov = {n: getattr(good, n) for n, _ in good.SCHEMA}
-    oov["completion_token_ids"] = np.array([6, 10**6], np.int32)
-    oov["grant_mac"] = grant_mac(secret, good.grant_id, good.lease_id, good.problem_id, good.n)
-    send(push, RolloutGroup(**oov))
-    push.close(linger=1000)
-    ctx.term()
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    return run_dir, cfg_path, out
 
 
 def test_short_run_trains_with_advancing_versions_and_bounded_staleness(trained):
@@ -167,6 +107,9 @@ def test_audit_fails_on_an_injected_duplicate_never_issued_or_lost_group(trained
         assert out.returncode == 1 and "VIOLATION" in out.stdout, (name, out.stdout)
 
 
+# opt-in (-m slow, 36 s): the default suite resumes a run in test_colocated (with the same
+# allocator-snapshot checks), test_learner_ranks (two ranks) and test_faults
+@pytest.mark.slow
 def test_resume_continues_where_the_checkpoint_left_off(trained):
     run_dir, cfg_path, _ = trained
     before = metrics(run_dir)
