@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -30,22 +31,30 @@ def math_model() -> Path:
     return ensure_rehearsal_model(MODEL_CACHE, progress=False)
 
 
+class TrainedRun(NamedTuple):
+    run_dir: Path
+    config: Path
+    output: str  # the launcher's stdout and stderr
+    listeners: dict[str, set[tuple[str, int]]]  # role -> (address, port) it listened on
+
+
 @pytest.fixture(scope="session")
 def trained(tiny_model, tmp_path_factory):
     """A 32-step `dynamo-rl run` of the tiny model (allocator + vLLM actor + DeepSpeed
     learner over CURVE-authenticated ZeroMQ) with hostile traffic sent while it trains;
-    shared by test_training_run and test_profiling. Returns (run_dir, config, output)."""
+    shared by test_training_run, test_profiling and test_listeners."""
     import subprocess
     import sys
 
     import numpy as np
     import zmq
+    from listening import ListenerWatch, bad_peers
 
     from launch.config import load_config
     from protocol.auth import RunKeys, grant_mac
     from protocol.codec import encode
     from protocol.messages import RolloutGroup
-    from protocol.sockets import open_socket, send
+    from protocol.sockets import generate_keys, open_socket, send
 
     STEPS, BOUND = TRAINED_STEPS, TRAINED_BOUND
 
@@ -64,8 +73,12 @@ def trained(tiny_model, tmp_path_factory):
     # is refused before the application sees anything): garbage, an inconsistent group, a
     # group for a grant the allocator never issued, and one whose grant MAC is valid (made
     # here with the run's grant secret) but whose tokens are outside the vocabulary.
+    # And peers knocking on every port with the wrong keys, while the run's listeners are
+    # read from the kernel (test_listeners checks both).
+    generate_keys(run_dir.parent / f"{run_dir.name}-outsider", ["allocator", "actor"])
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(cfg_path)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watch = ListenerWatch(proc.pid)
     def first_steps() -> bool:
         if proc.poll() is not None:  # ended before training: say why at once
             raise AssertionError(f"the run ended early ({proc.returncode}):\n"
@@ -76,6 +89,12 @@ def trained(tiny_model, tmp_path_factory):
     cfg = load_config(cfg_path)
     ctx = zmq.Context()
     keys = RunKeys.load(run_dir / "keys", "actor")
+    net = cfg.network
+    peers = [sock for kind, endpoint, server in ((zmq.DEALER, net.allocator, keys.allocator),
+                                                 (zmq.PUSH, net.rollouts, keys.learner),
+                                                 (zmq.DEALER, net.weights, keys.learner))
+             for sock in bad_peers(ctx, kind, endpoint, server, run_dir / "keys",
+                                   run_dir.parent / f"{run_dir.name}-outsider")]
     push = open_socket(ctx, zmq.PUSH, f"tcp://127.0.0.1:{cfg.network.rollout_port}",
                        bind=False, keys=keys.connect(keys.learner))
     push.send_multipart([b"\x93garbage", b"more"])
@@ -97,7 +116,12 @@ def trained(tiny_model, tmp_path_factory):
     oov["grant_mac"] = grant_mac(secret, good.grant_id, good.lease_id, good.problem_id, good.n)
     send(push, RolloutGroup(**oov))
     push.close(linger=1000)
-    ctx.term()
-    out, _ = proc.communicate(timeout=600)
+    try:
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        seen = watch.stop()
+        for sock in peers:
+            sock.close(linger=0)
+        ctx.term()
     assert proc.returncode == 0, out
-    return run_dir, cfg_path, out
+    return TrainedRun(run_dir, cfg_path, out, seen)

@@ -112,7 +112,7 @@ def test_tokenizer_is_small_byte_level_bpe_with_a_qwen_chat_template(math_model:
 
 # --- the real stack ------------------------------------------------------------------------
 
-STEPS, EVAL_PROBLEMS = 6, 64
+STEPS, EVAL_PROBLEMS = 4, 64
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

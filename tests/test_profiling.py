@@ -109,7 +109,7 @@ def test_merge_aligns_remote_clocks_by_the_fastest_heartbeat(tmp_path):
 @pytest.fixture(scope="module")
 def profiled(trained):
     """`dynamo-rl profile` of the shared 32-step run (conftest's `trained`)."""
-    run_dir, _, out = trained
+    run_dir, out = trained.run_dir, trained.output
     prof = subprocess.run([sys.executable, "-m", "launch.cli", "profile", str(run_dir)],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert prof.returncode == 0, prof.stdout + prof.stderr

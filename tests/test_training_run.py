@@ -27,7 +27,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def test_short_run_trains_with_advancing_versions_and_bounded_staleness(trained):
-    run_dir, _, out = trained
+    run_dir, out = trained.run_dir, trained.output
     recs = [r for r in metrics(run_dir) if r["step"] > 0]
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
     assert recs[-1]["version"] == STEPS
@@ -111,7 +111,7 @@ def test_audit_fails_on_an_injected_duplicate_never_issued_or_lost_group(trained
 # allocator-snapshot checks), test_learner_ranks (two ranks) and test_faults
 @pytest.mark.slow
 def test_resume_continues_where_the_checkpoint_left_off(trained):
-    run_dir, cfg_path, _ = trained
+    run_dir, cfg_path = trained.run_dir, trained.config
     before = metrics(run_dir)
     import pickle
 
