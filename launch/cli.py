@@ -12,7 +12,7 @@ from launch.config import ConfigError, RunConfig, dump_config, load_config
 from launch.runtime import (
     ensure_run_keys,
     exit_process,
-    gpu_start_up_turn,
+    gpu_memory_turn,
     model_path,
     run_keys,
     settle_heap,
@@ -85,7 +85,7 @@ def cmd_actor(cfg: RunConfig, args: argparse.Namespace) -> int:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     sleep_s = colocated_sleep_s(cfg)
     # a colocated GPU engine measures the device's memory as it starts: alone on the host
-    with (gpu_start_up_turn(f"actor{args.index}", exclusive=True) if sleep_s is not None
+    with (gpu_memory_turn(f"actor{args.index}", exclusive=True) if sleep_s is not None
           else contextlib.nullcontext()):
         actor = Actor(cfg.actor, path, ep, index=args.index, keys=keys,
                       max_message_bytes=net.max_message_mib << 20,

@@ -55,30 +55,32 @@ def heap_state() -> dict:
     return {"gc_enabled": gc.isenabled(), "gc_frozen_objects": _frozen_at_start_up}
 
 
-def gpu_start_up_lock_path() -> Path:
+def gpu_memory_lock_path() -> Path:
     """One per host and user: every colocated run's processes on this host meet there."""
-    return Path(tempfile.gettempdir()) / f"dynamo-rl-{os.getuid()}-gpu-start-up.lock"
+    return Path(tempfile.gettempdir()) / f"dynamo-rl-{os.getuid()}-gpu-memory.lock"
 
 
 @contextlib.contextmanager
-def gpu_start_up_turn(role: str, exclusive: bool, path: Path | None = None) -> Iterator[None]:
+def gpu_memory_turn(role: str, exclusive: bool, path: Path | None = None) -> Iterator[None]:
     """Colocated placement on GPU: a vLLM engine sizes its KV cache from how the device's
     free memory changes while it builds itself, and counts any other process's allocations
-    (or frees) in that window as its own: a learner loading its model beside it shrinks the
-    cache, or fails the engine's start ("Error in memory profiling"). So an engine is built
-    alone on its host (`exclusive`), while the learner ranks build their models together
-    (shared: their collectives would deadlock one waiting for another) but never beside an
-    engine. Linux `flock` lets a shared request in while an exclusive one waits: no
-    deadlock between ranks, at worst an engine waits until the ranks are built."""
-    path = path or gpu_start_up_lock_path()
+    (or frees) in that window as its own: a learner loading its model or training beside it
+    shrinks the cache, or fails the engine's start ("Error in memory profiling"). So an
+    engine is built (at start, or restarted) holding this host's lock exclusively, and the
+    learner ranks hold it shared while they build their models and while each step
+    allocates and frees (ranks share it: their collectives need each other). Linux `flock`
+    grants a shared request while an exclusive one waits: a waiting engine cannot lock out
+    a second rank; and ranks release it while they wait for a batch, which a restarted
+    engine must produce, so the engine gets its turn."""
+    path = path or gpu_memory_lock_path()
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    log = logging.getLogger("dynamo.launch")
     try:
         t = time.monotonic()
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         waited = time.monotonic() - t
         if waited > 0.5:
-            log.info("%s waited %.1fs for its turn to start on the GPU (%s)", role, waited, path)
+            logging.getLogger("dynamo.launch").info(
+                "%s waited %.1fs for its turn on the GPU's memory (%s)", role, waited, path)
         yield
     finally:
         os.close(fd)  # releases the lock

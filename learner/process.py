@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from launch.runtime import gpu_start_up_turn, heap_state, settle_heap
+from launch.runtime import gpu_memory_turn, heap_state, settle_heap
 from learner.config import LearnerConfig
 from learner.objective import PRESETS, ObjectiveConfig
 from learner.trainer import Trainer, init_distributed, metrics_line
@@ -89,14 +89,13 @@ class LearnerLoop:
         self.rank, self.world = init_distributed()
         self.clock_id = f"{socket.gethostname()}-learner{self.rank}-{os.getpid()}"
         open_trace(s.run_dir, f"learner{self.rank}", "learner", clock_id=self.clock_id)
-        on_shared_gpu = s.colocated and torch.cuda.is_available()
         # beside a colocated engine: never while it measures the device's memory (the ranks
         # of this host build theirs together)
-        with span("init"), (gpu_start_up_turn(f"learner{self.rank}", exclusive=False)
-                            if on_shared_gpu else contextlib.nullcontext()):
+        self.on_shared_gpu = s.colocated and torch.cuda.is_available()
+        with span("init"), self.gpu_turn():
             self.trainer = Trainer(cfg, objective_config(cfg, s.preset), s.model_path,
                                    temperature=s.temperature)
-            if on_shared_gpu:
+            if self.on_shared_gpu:
                 torch.cuda.empty_cache()  # what the build cached goes back to the device
         ckpt_root = s.run_dir / "checkpoints"
         self.state = self.trainer.load(ckpt_root)
@@ -111,6 +110,13 @@ class LearnerLoop:
         self.ctx = self.auth = self.handshakes = self.alloc = self.metrics_f = self.writer = None
         if self.rank == 0:
             self._open_wire()
+
+    def gpu_turn(self):
+        """Colocated on a GPU: while this rank allocates (model build, each step), no engine
+        on this host sizes its KV cache (launch.runtime.gpu_memory_turn)."""
+        if not self.on_shared_gpu:
+            return contextlib.nullcontext()
+        return gpu_memory_turn(f"learner{self.rank}", exclusive=False)
 
     # ---------------------------------------------------------------- rank 0's sockets
     def _open_wire(self) -> None:
@@ -240,11 +246,12 @@ class LearnerLoop:
     def train_publish_log(self, groups: list[RolloutGroup], t_iter: int, t_got: int) -> None:
         cfg, trainer = self.s.cfg, self.trainer
         version0 = trainer.version
-        stats = trainer.step(groups)
-        if self.s.colocated and torch.cuda.is_available():
-            # the step's activations back to the device, not kept in torch's cache: the
-            # actor's engine wakes into that memory for the next batch
-            torch.cuda.empty_cache()
+        with self.gpu_turn():
+            stats = trainer.step(groups)
+            if self.on_shared_gpu:
+                # the step's activations back to the device, not kept in torch's cache: the
+                # actor's engine wakes into that memory for the next batch
+                torch.cuda.empty_cache()
         if self.intake is not None:
             self.intake.trained(groups)
             self.intake.learner_version = trainer.version  # before actors can hold it

@@ -149,7 +149,7 @@ def test_broadcast_versions_reach_a_sleeping_engine_only_after_it_woke():
     assert eng.calls == ["sleep", "wake", "v1", "sleep", "wake", "v2"]
 
 
-def test_gpu_start_up_turns_build_an_engine_alone_and_let_learner_ranks_build_together(
+def test_gpu_memory_turns_build_an_engine_alone_and_let_learner_ranks_build_together(
         tmp_path):
     """A colocated GPU engine sizes its KV cache from the device's free memory while it is
     built: no learner may load beside it. Learner ranks build together (their collectives
@@ -157,7 +157,7 @@ def test_gpu_start_up_turns_build_an_engine_alone_and_let_learner_ranks_build_to
     import threading
     import time
 
-    from launch.runtime import gpu_start_up_turn
+    from launch.runtime import gpu_memory_turn
 
     path = tmp_path / "gpu.lock"
     inside: list[str] = []
@@ -165,7 +165,7 @@ def test_gpu_start_up_turns_build_an_engine_alone_and_let_learner_ranks_build_to
 
     def hold(name: str, exclusive: bool) -> threading.Thread:
         def body() -> None:
-            with gpu_start_up_turn(name, exclusive, path):
+            with gpu_memory_turn(name, exclusive, path):
                 inside.append(f"+{name}")
                 release[name].wait(10)
                 inside.append(f"-{name}")
