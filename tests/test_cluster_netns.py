@@ -22,6 +22,7 @@ from test_cluster_launch import CONFIG, launch
 from launch.config import load_config
 from launch.harness import listeners
 from launch.netns import Hosts, available
+from telemetry.merge import read_traces
 
 WHY = available()
 
@@ -153,3 +154,48 @@ def test_cluster_run_across_three_namespaces_trains(tiny_model, tmp_path, backen
     else:
         assert all("by broadcast" not in log for log in actor_logs)
     print(f"{backend}: {time.monotonic() - t0:.0f}s")
+
+
+def test_cluster_run_with_a_colocated_node_beside_an_actor_node_trains(tiny_model, tmp_path):
+    """`cluster.sh --colocated` for real: one "node" runs the allocator, the learner and an
+    actor that takes turns with it (placement = colocated), a second node an actor alone.
+    The run trains across the bridge; the traces show no actor generating while the learner
+    trains (colocated phases are synchronous), and both actors' groups reach the learner."""
+    with Hosts(2, rate="1gbit", subnet=79) as hosts:
+        hostfile = tmp_path / "hosts"
+        hostfile.write_text("".join(f"{ns} slots=1 addr={a}\n"
+                                    for ns, a in zip(hosts.names, hosts.addrs, strict=True)))
+        run_dir = tmp_path / "run"
+        names = list(hosts.names)
+        sampler = _ListenerLog(names)
+        sampler.start()
+        r = launch("--hostfile", str(hostfile), "--config", str(CONFIG),
+                   "--remote-cmd", str(_on_host_script(tmp_path, hosts)), "--shared-run-dir",
+                   "--learner-nodes", "1", "--actor-nodes", "1", "--colocated",
+                   "--run-dir", str(run_dir), "--model.path", str(tiny_model),
+                   "--learner.total_steps", "5", "--learner.eval_every", "0",
+                   "--learner.prompts_per_step", "16", "--allocator.batch_prompts", "16",
+                   timeout=600)
+        sampler.done.set()
+        sampler.join()
+        logs = {p.name: p.read_text(errors="replace")[-3000:]
+                for p in (run_dir / "logs").glob("*")}
+        assert r.returncode == 0, (r.stderr, logs)
+    # an actor on the learner's node, another on its own (read from the kernel's listeners)
+    roles = {ns: {role for role, _, _ in sampler.seen[ns]} for ns in names}
+    assert {"learner", "allocator", "actor"} <= roles[names[0]], roles
+    assert roles[names[1]] == {"actor"}, roles
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in recs if x["step"] > 0]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4, 5]
+    assert all(x["staleness/max"] == 0 for x in steps), steps
+    for i in (0, 1):
+        last = json.loads((run_dir / f"metrics_actor{i}.jsonl").read_text().splitlines()[-1])
+        assert last.get("groups_sent", 0) > 0, (i, last)
+    procs = read_traces(run_dir)
+    gen = [(sp["start_ns"], sp["end_ns"]) for p in procs if p.role == "actor"
+           for sp in p.spans if sp["name"] == "generate"]
+    train = [(sp["start_ns"], sp["end_ns"]) for p in procs if p.role == "learner"
+             for sp in p.spans if sp["name"] == "train_step"]
+    assert gen and len(train) == 5
+    assert not [(g, t) for g in gen for t in train if g[0] < t[1] and t[0] < g[1]]
