@@ -56,12 +56,14 @@ def heap_state() -> dict:
 
 
 def gpu_memory_lock_path() -> Path:
-    """One per host and user: every colocated run's processes on this host meet there."""
+    """One per host and user: every colocated run's processes on this host meet there (per
+    host, not per device: an engine and the learner ranks beside it see different device
+    lists, so a per-device key would miss the ranks it must exclude)."""
     return Path(tempfile.gettempdir()) / f"dynamo-rl-{os.getuid()}-gpu-memory.lock"
 
 
 @contextlib.contextmanager
-def gpu_memory_turn(role: str, exclusive: bool, path: Path | None = None) -> Iterator[None]:
+def gpu_memory_turn(role: str, exclusive: bool, path: Path | None = None) -> Iterator[int]:
     """Colocated placement on GPU: a vLLM engine sizes its KV cache from how the device's
     free memory changes while it builds itself, and counts any other process's allocations
     (or frees) in that window as its own: a learner loading its model or training beside it
@@ -81,9 +83,12 @@ def gpu_memory_turn(role: str, exclusive: bool, path: Path | None = None) -> Ite
         if waited > 0.5:
             logging.getLogger("dynamo.launch").info(
                 "%s waited %.1fs for its turn on the GPU's memory (%s)", role, waited, path)
-        yield
+        yield fd
     finally:
-        os.close(fd)  # releases the lock
+        # unlocked explicitly: a child forked meanwhile (an engine's workers) holds a copy of
+        # the descriptor, and closing ours alone would leave the lock held through theirs
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def exit_process(rc: int) -> NoReturn:

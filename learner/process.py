@@ -92,13 +92,13 @@ class LearnerLoop:
         # beside a colocated engine: never while it measures the device's memory (the ranks
         # of this host build theirs together)
         self.on_shared_gpu = s.colocated and torch.cuda.is_available()
+        ckpt_root = s.run_dir / "checkpoints"
         with span("init"), self.gpu_turn():
             self.trainer = Trainer(cfg, objective_config(cfg, s.preset), s.model_path,
                                    temperature=s.temperature)
+            self.state = self.trainer.load(ckpt_root)  # optimizer state onto the device too
             if self.on_shared_gpu:
                 torch.cuda.empty_cache()  # what the build cached goes back to the device
-        ckpt_root = s.run_dir / "checkpoints"
-        self.state = self.trainer.load(ckpt_root)
         self.step = int(self.state["step"]) if self.state else 0
         if self.state:
             log.info("resumed from %s at step %d (version %d)",

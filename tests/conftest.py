@@ -79,49 +79,55 @@ def trained(tiny_model, tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(cfg_path)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     watch = ListenerWatch(proc.pid)
+    ctx = zmq.Context()
+    peers: list = []
+
     def first_steps() -> bool:
         if proc.poll() is not None:  # ended before training: say why at once
             raise AssertionError(f"the run ended early ({proc.returncode}):\n"
                                  f"{proc.stdout.read()[-4000:]}")
         return (run_dir / "metrics.jsonl").is_file() and len(metrics(run_dir)) >= 3
 
-    wait_for(first_steps, 300, "the first learner steps")
-    cfg = load_config(cfg_path)
-    ctx = zmq.Context()
-    keys = RunKeys.load(run_dir / "keys", "actor")
-    net = cfg.network
-    peers = [sock for kind, endpoint, server in ((zmq.DEALER, net.allocator, keys.allocator),
-                                                 (zmq.PUSH, net.rollouts, keys.learner),
-                                                 (zmq.DEALER, net.weights, keys.learner))
-             for sock in bad_peers(ctx, kind, endpoint, server, run_dir / "keys",
-                                   run_dir.parent / f"{run_dir.name}-outsider")]
-    push = open_socket(ctx, zmq.PUSH, f"tcp://127.0.0.1:{cfg.network.rollout_port}",
-                       bind=False, keys=keys.connect(keys.learner))
-    push.send_multipart([b"\x93garbage", b"more"])
-    good = RolloutGroup(grant_id=10**9, lease_id=1, problem_id="x", actor_id="evil",
-                        prompt_token_ids=np.array([4, 5], np.int32),
-                        completion_token_ids=np.array([6, 1], np.int32),
-                        completion_lengths=np.array([2, 0], np.int32),
-                        behaviour_logprobs=np.array([-0.1, -0.2], np.float32),
-                        token_versions=np.array([0, 0], np.int32),
-                        rewards=np.array([1.0, 0.0], np.float32),
-                        finished=np.array([True, True]), gen_seconds=0.1)
-    frames = [bytes(f) for f in encode(good)]
-    frames[4] = frames[4][:4]  # behaviour_logprobs one element short of the lengths
-    push.send_multipart(frames)
-    send(push, good)  # no grant MAC: a grant the allocator never issued
-    secret = bytes.fromhex((run_dir / "keys" / "grant.secret").read_text())
-    oov = {n: getattr(good, n) for n, _ in good.SCHEMA}
-    oov["completion_token_ids"] = np.array([6, 10**6], np.int32)
-    oov["grant_mac"] = grant_mac(secret, good.grant_id, good.lease_id, good.problem_id, good.n)
-    send(push, RolloutGroup(**oov))
-    push.close(linger=1000)
-    try:
+    try:  # whatever fails here, the run, the watcher and the sockets end with it
+        wait_for(first_steps, 300, "the first learner steps")
+        cfg = load_config(cfg_path)
+        keys = RunKeys.load(run_dir / "keys", "actor")
+        net = cfg.network
+        for kind, endpoint, server in ((zmq.DEALER, net.allocator, keys.allocator),
+                                       (zmq.PUSH, net.rollouts, keys.learner),
+                                       (zmq.DEALER, net.weights, keys.learner)):
+            peers += bad_peers(ctx, kind, endpoint, server, run_dir / "keys",
+                               run_dir.parent / f"{run_dir.name}-outsider")
+        push = open_socket(ctx, zmq.PUSH, f"tcp://127.0.0.1:{cfg.network.rollout_port}",
+                           bind=False, keys=keys.connect(keys.learner))
+        peers.append(push)
+        push.send_multipart([b"\x93garbage", b"more"])
+        good = RolloutGroup(grant_id=10**9, lease_id=1, problem_id="x", actor_id="evil",
+                            prompt_token_ids=np.array([4, 5], np.int32),
+                            completion_token_ids=np.array([6, 1], np.int32),
+                            completion_lengths=np.array([2, 0], np.int32),
+                            behaviour_logprobs=np.array([-0.1, -0.2], np.float32),
+                            token_versions=np.array([0, 0], np.int32),
+                            rewards=np.array([1.0, 0.0], np.float32),
+                            finished=np.array([True, True]), gen_seconds=0.1)
+        frames = [bytes(f) for f in encode(good)]
+        frames[4] = frames[4][:4]  # behaviour_logprobs one element short of the lengths
+        push.send_multipart(frames)
+        send(push, good)  # no grant MAC: a grant the allocator never issued
+        secret = bytes.fromhex((run_dir / "keys" / "grant.secret").read_text())
+        oov = {n: getattr(good, n) for n, _ in good.SCHEMA}
+        oov["completion_token_ids"] = np.array([6, 10**6], np.int32)
+        oov["grant_mac"] = grant_mac(secret, good.grant_id, good.lease_id, good.problem_id,
+                                     good.n)
+        send(push, RolloutGroup(**oov))
         out, _ = proc.communicate(timeout=600)
     finally:
+        if proc.poll() is None:  # its children die with it (PDEATHSIG)
+            proc.kill()
+            proc.wait()
         seen = watch.stop()
         for sock in peers:
             sock.close(linger=0)
-        ctx.term()
+        ctx.destroy(linger=0)
     assert proc.returncode == 0, out
     return TrainedRun(run_dir, cfg_path, out, seen)

@@ -173,30 +173,55 @@ def test_gpu_memory_turns_build_an_engine_alone_and_let_learner_ranks_build_toge
         th.start()
         return th
 
-    def settle() -> None:
+    def settle() -> None:  # before a check that something did NOT happen
         time.sleep(0.3)
 
+    def until(last: list[str]) -> None:  # a check that something did happen
+        deadline = time.monotonic() + 10
+        while inside[-len(last):] != last and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert inside[-len(last):] == last, inside
+
     threads = [hold("rank0", False)]
-    settle()
+    until(["+rank0"])
     threads.append(hold("engine", True))
     settle()
     assert inside == ["+rank0"]  # the engine waits for the rank being built
     threads.append(hold("rank1", False))
-    settle()
-    assert inside == ["+rank0", "+rank1"]  # a waiting engine does not lock out a rank
+    until(["+rank0", "+rank1"])  # a waiting engine does not lock out a rank
     release["rank0"].set()
+    until(["-rank0"])
     settle()
     assert "+engine" not in inside  # not while one rank is still being built
     release["rank1"].set()
-    settle()
-    assert inside[-1] == "+engine"
+    until(["-rank1", "+engine"])
     threads.append(hold("rank2", False))
     settle()
     assert inside[-1] == "+engine"  # no rank while the engine is built
     release["engine"].set()
-    settle()
-    assert inside[-2:] == ["-engine", "+rank2"]
+    until(["-engine", "+rank2"])
     release["rank2"].set()
     for th in threads:
         th.join(5)
     assert not any(th.is_alive() for th in threads)
+
+
+def test_a_gpu_memory_turn_ends_even_if_a_child_kept_a_copy_of_its_descriptor(tmp_path):
+    """An engine's workers may be forked while it holds the lock: their copies of the
+    descriptor must not keep it held after the turn (the learner would wait forever)."""
+    import fcntl
+    import os
+    import subprocess
+
+    from launch.runtime import gpu_memory_turn
+
+    path = tmp_path / "gpu.lock"
+    with gpu_memory_turn("actor0", True, path) as fd:
+        child = subprocess.Popen(["sleep", "30"], pass_fds=(fd,))
+    try:
+        other = os.open(path, os.O_RDWR)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if still held
+        os.close(other)
+    finally:
+        child.kill()
+        child.wait()

@@ -35,7 +35,7 @@ def test_a_sleeping_engine_frees_its_memory_and_wakes_with_new_weights(tiny_mode
     params = SamplingParams(temperature=0.0, max_tokens=12, logprobs=0, ignore_eos=True)
     prompts = [[3, 5, 7, 4, 9], [2, 6, 6, 8]]
 
-    def generate() -> list[tuple[list[int], list[float]]]:
+    def generate(eng: Engine) -> list[tuple[list[int], list[float]]]:
         outs = eng.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                                 use_tqdm=False)
         return [(list(o.outputs[0].token_ids),
@@ -43,7 +43,7 @@ def test_a_sleeping_engine_frees_its_memory_and_wakes_with_new_weights(tiny_mode
                 for o in outs]
 
     try:
-        before = generate()
+        before = generate(eng)
         free_awake = torch.cuda.mem_get_info()[0]
         eng.sleep()
         free_asleep = torch.cuda.mem_get_info()[0]
@@ -52,7 +52,7 @@ def test_a_sleeping_engine_frees_its_memory_and_wakes_with_new_weights(tiny_mode
         assert free_asleep - free_awake > 0.2 * total, (free_awake, free_asleep, total)
         eng.wake_up()
         # level 1 kept the weights in host memory: the same kernels give the same tokens
-        assert [t for t, _ in generate()] == [t for t, _ in before]
+        assert [t for t, _ in generate(eng)] == [t for t, _ in before]
         hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
         g = torch.Generator().manual_seed(1)
         new = [(n, (p.detach() + 0.05 * torch.randn(p.shape, generator=g)).contiguous())
@@ -60,7 +60,7 @@ def test_a_sleeping_engine_frees_its_memory_and_wakes_with_new_weights(tiny_mode
         eng.sleep()  # new weights go into an engine that slept: the colocated cycle
         eng.wake_up()
         eng.load_weights(new, 1)
-        got = generate()
+        got = generate(eng)
         with torch.no_grad():
             for (_, p), (_, t) in zip(hf.named_parameters(), new, strict=True):
                 p.copy_(t)
@@ -75,6 +75,7 @@ def test_a_sleeping_engine_frees_its_memory_and_wakes_with_new_weights(tiny_mode
         assert [t for t, _ in got] != [t for t, _ in before]  # the new weights changed them
     finally:
         eng.llm.llm_engine.engine_core.shutdown()  # its share of the GPU back for later tests
+        del eng
         gc.collect()
         torch.cuda.empty_cache()
 

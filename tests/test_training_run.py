@@ -110,10 +110,14 @@ def test_audit_fails_on_an_injected_duplicate_never_issued_or_lost_group(trained
 # opt-in (-m slow, 36 s): the default suite resumes a run in test_colocated (with the same
 # allocator-snapshot checks), test_learner_ranks (two ranks) and test_faults
 @pytest.mark.slow
-def test_resume_continues_where_the_checkpoint_left_off(trained):
-    run_dir, cfg_path = trained.run_dir, trained.config
-    before = metrics(run_dir)
+def test_resume_continues_where_the_checkpoint_left_off(trained, tmp_path):
     import pickle
+    import shutil
+
+    run_dir = tmp_path / "run"  # a copy: the shared run stays as the other tests read it
+    shutil.copytree(trained.run_dir, run_dir)
+    cfg_path = run_dir / "config.toml"
+    before = metrics(run_dir)
 
     tag = (run_dir / "checkpoints" / "LATEST").read_text().strip()
     with (run_dir / "checkpoints" / tag / "allocator_state.pkl").open("rb") as f:
