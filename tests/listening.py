@@ -71,9 +71,11 @@ class ListenerWatch:
         while not self._stop.is_set():
             for pid in children(self.pid):
                 try:
-                    self.seen.setdefault(role(pid), set()).update(listeners(pid))
+                    name, ports = role(pid), listeners(pid)
                 except OSError:  # exited between the listing and the read
-                    pass
+                    continue
+                if name != "gone":
+                    self.seen.setdefault(name, set()).update(ports)
             self._stop.wait(self.every_s)
 
     def stop(self) -> dict[str, set[tuple[str, int]]]:

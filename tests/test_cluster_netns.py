@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from listening import role as process_role
 from test_cluster_launch import CONFIG, launch
 
 from launch.config import load_config
@@ -49,11 +50,6 @@ exec ip netns exec "$1" unshare --mount bash -c \\
     return script
 
 
-def _role(pid: str) -> str:
-    args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    return args[args.index(b"launch.cli") + 1].decode() if b"launch.cli" in args else "other"
-
-
 class _ListenerLog(threading.Thread):
     """Every (role, address, port) listened on in each namespace while the run lasts."""
 
@@ -69,10 +65,12 @@ class _ListenerLog(threading.Thread):
                                       text=True).stdout.split()
                 for pid in pids:
                     try:
-                        role = _role(pid)
-                        self.seen[ns].update((role, a, p) for a, p in listeners(int(pid)))
+                        role = process_role(int(pid))
+                        ports = listeners(int(pid))
                     except (OSError, ValueError):  # exited meanwhile
-                        pass
+                        continue
+                    if role != "gone":
+                        self.seen[ns].update((role, a, p) for a, p in ports)
 
 
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"network namespaces: {WHY}")
