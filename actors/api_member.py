@@ -66,10 +66,6 @@ class ApiMember:
     def close(self) -> None:
         self._closed = True
 
-    def has_work(self) -> bool:
-        """Whether a join or a broadcast version waits for the engine's workers."""
-        return not self._in.empty()
-
     def serve(self, before=lambda: None) -> list[tuple[int, float]]:
         """Engine thread, between steps: carries out every message waiting, each after
         `before()` (the colocated engine wakes up there: a message that arrives while this

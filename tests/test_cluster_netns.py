@@ -73,6 +73,30 @@ class _ListenerLog(threading.Thread):
                         self.seen[ns].update((role, a, p) for a, p in ports)
 
 
+def _cluster_run(model: Path, tmp_path: Path, hosts: Hosts,
+                 *layout: str) -> tuple[Path, _ListenerLog]:
+    """`cluster.sh` across the namespaces (one learner node first, then `layout`) for 5
+    steps of 16 prompts, its listeners logged meanwhile; asserts it ended well."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("".join(f"{ns} slots=1 addr={a}\n"
+                                for ns, a in zip(hosts.names, hosts.addrs, strict=True)))
+    run_dir = tmp_path / "run"
+    sampler = _ListenerLog(list(hosts.names))
+    sampler.start()
+    r = launch("--hostfile", str(hostfile), "--config", str(CONFIG),
+               "--remote-cmd", str(_on_host_script(tmp_path, hosts)), "--shared-run-dir",
+               "--learner-nodes", "1", *layout,
+               "--run-dir", str(run_dir), "--model.path", str(model),
+               "--learner.total_steps", "5", "--learner.eval_every", "0",
+               "--learner.prompts_per_step", "16", "--allocator.batch_prompts", "16",
+               timeout=600)
+    sampler.done.set()
+    sampler.join()
+    logs = {p.name: p.read_text(errors="replace")[-3000:] for p in (run_dir / "logs").glob("*")}
+    assert r.returncode == 0, (r.stderr, logs)
+    return run_dir, sampler
+
+
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"network namespaces: {WHY}")
 
 
@@ -82,26 +106,10 @@ pytestmark = pytest.mark.skipif(WHY is not None, reason=f"network namespaces: {W
 ])
 def test_cluster_run_across_three_namespaces_trains(tiny_model, tmp_path, backend):
     with Hosts(3, rate="1gbit", subnet=78) as hosts:
-        hostfile = tmp_path / "hosts"
-        hostfile.write_text("".join(f"{ns} slots=1 addr={a}\n"
-                                    for ns, a in zip(hosts.names, hosts.addrs, strict=True)))
-        run_dir = tmp_path / "run"
         t0 = time.monotonic()
-        sampler = _ListenerLog(hosts.names)
         ns_addrs = list(zip(hosts.names, hosts.addrs, strict=True))
-        sampler.start()
-        r = launch("--hostfile", str(hostfile), "--config", str(CONFIG),
-                   "--remote-cmd", str(_on_host_script(tmp_path, hosts)), "--shared-run-dir",
-                   "--learner-nodes", "1", "--actor-nodes", "2", "--weights-backend", backend,
-                   "--run-dir", str(run_dir), "--model.path", str(tiny_model),
-                   "--learner.total_steps", "5", "--learner.eval_every", "0",
-                   "--learner.prompts_per_step", "16", "--allocator.batch_prompts", "16",
-                   timeout=600)
-        sampler.done.set()
-        sampler.join()
-        logs = {p.name: p.read_text(errors="replace")[-3000:]
-                for p in (run_dir / "logs").glob("*")}
-        assert r.returncode == 0, (r.stderr, logs)
+        run_dir, sampler = _cluster_run(tiny_model, tmp_path, hosts, "--actor-nodes", "2",
+                                        "--weights-backend", backend)
         # every namespace's processes are gone with the launcher (stopping takes a moment)
         def left() -> dict[str, list[str]]:
             out = {}
@@ -160,25 +168,9 @@ def test_cluster_run_with_a_colocated_node_beside_an_actor_node_trains(tiny_mode
     The run trains across the bridge; the traces show no actor generating while the learner
     trains (colocated phases are synchronous), and both actors' groups reach the learner."""
     with Hosts(2, rate="1gbit", subnet=79) as hosts:
-        hostfile = tmp_path / "hosts"
-        hostfile.write_text("".join(f"{ns} slots=1 addr={a}\n"
-                                    for ns, a in zip(hosts.names, hosts.addrs, strict=True)))
-        run_dir = tmp_path / "run"
         names = list(hosts.names)
-        sampler = _ListenerLog(names)
-        sampler.start()
-        r = launch("--hostfile", str(hostfile), "--config", str(CONFIG),
-                   "--remote-cmd", str(_on_host_script(tmp_path, hosts)), "--shared-run-dir",
-                   "--learner-nodes", "1", "--actor-nodes", "1", "--colocated",
-                   "--run-dir", str(run_dir), "--model.path", str(tiny_model),
-                   "--learner.total_steps", "5", "--learner.eval_every", "0",
-                   "--learner.prompts_per_step", "16", "--allocator.batch_prompts", "16",
-                   timeout=600)
-        sampler.done.set()
-        sampler.join()
-        logs = {p.name: p.read_text(errors="replace")[-3000:]
-                for p in (run_dir / "logs").glob("*")}
-        assert r.returncode == 0, (r.stderr, logs)
+        run_dir, sampler = _cluster_run(tiny_model, tmp_path, hosts, "--actor-nodes", "1",
+                                        "--colocated")
     # an actor on the learner's node, another on its own (read from the kernel's listeners)
     roles = {ns: {role for role, _, _ in sampler.seen[ns]} for ns in names}
     assert {"learner", "allocator", "actor"} <= roles[names[0]], roles

@@ -113,7 +113,7 @@ def test_restarted_allocator_restores_its_state_and_everyone_reconnects(stack_fa
 
 
 # opt-in (-m slow, 55 s): resuming from a checkpoint runs in the default suite in
-# test_training_run (allocator state restored), test_colocated and test_learner_ranks
+# test_colocated (allocator state restored) and test_learner_ranks (two ranks)
 @pytest.mark.slow
 def test_resumed_learner_continues_from_its_checkpoint_and_the_run_goes_on(stack_factory):
     s = stack_factory()
