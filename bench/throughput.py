@@ -15,6 +15,7 @@ inside the loop, as TRL's model is.
     python bench/throughput.py --models tiny --steps 60
     python bench/throughput.py --peer trl             # and TRL's GRPOTrainer side by side
     python bench/throughput.py --peer trl --repeat 3  # medians of 3 alternating rounds
+    python bench/throughput.py --keep /tmp/tp         # and keep each run's logs and traces
 
 `--peer trl` also runs TRL's GRPOTrainer (bench/trl_grpo.py, in its own environment under
 .cache/bench-trl, installed on first use; never a dependency of the project) on the same
@@ -199,11 +200,14 @@ def main() -> None:
     ap.add_argument("--peer-attn", nargs="+", choices=["sdpa", "eager"],
                     default=["sdpa", "eager"], help="TRL's attention kernels, each run; the "
                     "faster is the peer figure")
+    ap.add_argument("--keep", type=Path, help="keep every run's directory (logs, traces, "
+                    "metrics) under this folder instead of a temporary one")
     args = ap.parse_args()
     print(f"{'rep':>3} {'model':>6} {'placement':>14} {'compl/s':>9} {'wall s':>8} "
           f"{'start s':>8} {'pass@1':>7}")
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [one_round(args, Path(tmp) / f"r{rep}", rep) for rep in range(args.repeat)]
+        root = args.keep or Path(tmp)
+        runs = [one_round(args, root / f"r{rep}", rep) for rep in range(args.repeat)]
     rows = median_rows(runs)
     ratio = {}
     for model in args.models:

@@ -15,6 +15,8 @@ import pytest
 import torch
 from conftest import REPO, make_config
 
+from launch.ports import free_ports
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -80,16 +82,30 @@ def test_a_sleeping_engine_frees_its_memory_and_wakes_with_new_weights(tiny_mode
         torch.cuda.empty_cache()
 
 
-def test_colocated_run_on_one_gpu_sleeps_between_batches_and_trains(tiny_model, tmp_path):
+@pytest.mark.parametrize("launcher", ["run", "cluster"])
+def test_colocated_run_on_one_gpu_sleeps_between_batches_and_trains(tiny_model, tmp_path,
+                                                                   launcher):
+    """Through `dynamo-rl run --placement colocated`, and through `launch/cluster.sh
+    --colocated` on a one-node host file (the learner rank and the actor on this node's GPU;
+    the flag alone sets the placement)."""
     run_dir = tmp_path / "colo"
     # the engine sleeps as soon as it has no work: a tiny model's learner step on a GPU is
     # shorter than the default 0.5 s of idle time before a sleep
-    cfg = make_config(run_dir, tiny_model, placement="colocated", actor={"sleep_after_s": 0.0},
-                      allocator={"batch_prompts": 32, "n_mean": 8, "n_min": 4, "n_max": 16},
-                      learner={"total_steps": 16, "prompts_per_step": 32, "lr": 2e-4,
-                               "eval_every": 16, "checkpoint_every": 16})
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", str(cfg)], cwd=REPO,
-                       capture_output=True, text=True, timeout=900)
+    sections = dict(actor={"sleep_after_s": 0.0},
+                    allocator={"batch_prompts": 32, "n_mean": 8, "n_min": 4, "n_max": 16},
+                    learner={"total_steps": 16, "prompts_per_step": 32, "lr": 2e-4,
+                             "eval_every": 16, "checkpoint_every": 16})
+    if launcher == "run":
+        cfg = make_config(run_dir, tiny_model, placement="colocated", **sections)
+        cmd = [sys.executable, "-m", "launch.cli", "run", str(cfg)]
+    else:
+        cfg = make_config(run_dir, tiny_model, **sections)
+        (tmp_path / "hosts").write_text("localhost slots=1\n")
+        cmd = [str(REPO / "launch/cluster.sh"), "--config", str(cfg), "--hostfile",
+               str(tmp_path / "hosts"), "--learner-nodes", "1", "--actor-nodes", "1",
+               "--colocated", "--run-dir", str(run_dir), "--python", sys.executable,
+               "--master-port", str(free_ports(1)[0])]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = (run_dir / "metrics_actor0.jsonl").read_text().splitlines()
     actor = json.loads(lines[-1])
