@@ -17,6 +17,7 @@ Idempotent and cheap once warm: each step first checks for its finished artefact
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -28,7 +29,16 @@ CONFIGS = ("default.toml", "math-rehearsal.toml")
 
 
 def extensions_dir() -> Path:
-    return Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path(sys.prefix) / "torch_extensions"))
+    """Where DeepSpeed's JIT ops are built for this Python environment, as this process
+    reaches it. The compile commands name the environment's include paths as reached (the
+    path to the interpreter, not its target), so one environment reached through two paths
+    (a symbolic link) gets one build per path. A shared directory would be rebuilt at every
+    change of path. The learner compiles on its one core, which took 150-164 s on a 2-core
+    machine."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    tag = hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]
+    return Path(sys.prefix) / "torch_extensions" / tag
 
 
 def shm_op_built() -> bool:

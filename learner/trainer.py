@@ -77,9 +77,13 @@ def init_distributed() -> tuple[int, int]:
     # directory rebuild it in turn, and a build killed half-way there leaves a lock file on
     # which every later learner would wait for ever.
     # (`bootstrap.sh` compiles them there ahead of the first run: launch/prepare.py)
-    from launch.prepare import extensions_dir
+    from launch.prepare import extensions_dir, shm_op_built
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
+    if not torch.cuda.is_available() and not shm_op_built():
+        log.warning("DeepSpeed's shared-memory op is not built for this environment yet "
+                    "(%s): compiling it now, once (1-3 minutes on one core; "
+                    "`python -m launch.prepare` does it ahead of a run)", extensions_dir())
     if "MASTER_PORT" not in os.environ:
         from launch.ports import free_ports
 

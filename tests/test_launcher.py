@@ -123,6 +123,27 @@ def test_prepare_records_the_model_class_so_no_engine_start_inspects_it(tmp_path
     assert list((tmp_path / "vllm" / "modelinfos").glob("*Qwen2ForCausalLM.json"))
 
 
+def test_one_environment_reached_by_two_paths_builds_its_ops_in_two_places(tmp_path):
+    """DeepSpeed's JIT op build names the include paths as the interpreter reached them; two
+    paths to one environment sharing one build directory rebuilt the op at every change of
+    path (150-164 s of a learner's start-up on one core). Each path now has its own."""
+    link = tmp_path / "venv"
+    link.symlink_to(Path(sys.prefix), target_is_directory=True)
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+
+    def build_dir(python: Path) -> Path:
+        r = subprocess.run([str(python), "-c", "from launch.prepare import extensions_dir; "
+                            "print(extensions_dir())"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return Path(r.stdout.strip())
+
+    direct = build_dir(Path(sys.prefix) / "bin" / "python")
+    linked = build_dir(link / "bin" / "python")
+    assert direct.resolve() != linked.resolve(), (direct, linked)
+    assert build_dir(Path(sys.prefix) / "bin" / "python") == direct  # stable per path
+
+
 EXITING_CHILD = """
 import atexit, sys, threading, time
 from launch.runtime import exit_process
