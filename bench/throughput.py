@@ -203,6 +203,9 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="keep every run's directory (logs, traces, "
                     "metrics) under this folder instead of a temporary one")
     args = ap.parse_args()
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        # a run directory left there would be refused ("already holds a run") mid-benchmark
+        ap.error(f"--keep {args.keep}: not empty; name a new or empty folder")
     print(f"{'rep':>3} {'model':>6} {'placement':>14} {'compl/s':>9} {'wall s':>8} "
           f"{'start s':>8} {'pass@1':>7}")
     with tempfile.TemporaryDirectory() as tmp:
